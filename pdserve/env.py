@@ -1,0 +1,72 @@
+"""Every environment variable pdserve reads, in one typed table (prefix ``PDSERVE_``).
+
+Read a value with ``env.CACHE_DIR`` etc.; nothing else in the code calls ``os.getenv``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Var(Generic[T]):
+    name: str
+    default: T
+    parse: Callable[[str], T]
+    doc: str
+
+    def get(self) -> T:
+        raw = os.environ.get(self.name)
+        if raw is None or raw == "":
+            return self.default
+        try:
+            return self.parse(raw)
+        except ValueError as e:
+            raise ValueError(f"{self.name}={raw!r}: {e}") from e
+
+
+def _bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected a boolean (1/0, true/false)")
+
+
+VARS: dict[str, _Var] = {
+    v.name: v
+    for v in [
+        _Var("PDSERVE_CACHE_DIR", Path.home() / ".cache" / "pdserve", Path,
+             "where prepare-default-model writes the converted model"),
+        _Var("PDSERVE_MODEL", "", str, "model directory used when --model is not given"),
+        _Var("PDSERVE_ATTENTION_BACKEND", "auto", str,
+             "auto | torch | triton: attention/KV kernels (auto: triton on CUDA, torch on CPU)"),
+        _Var("PDSERVE_NO_PROGRESS", False, _bool, "hide progress bars"),
+        _Var("PDSERVE_LOG_LEVEL", "INFO", str, "logging level for pdserve loggers"),
+    ]
+}
+
+
+def get(name: str):
+    return VARS[name].get()
+
+
+def cache_dir() -> Path:
+    return Path(get("PDSERVE_CACHE_DIR"))
+
+
+def default_model_env() -> str:
+    return str(get("PDSERVE_MODEL"))
+
+
+def attention_backend() -> str:
+    return str(get("PDSERVE_ATTENTION_BACKEND"))
+
+
+def no_progress() -> bool:
+    return bool(get("PDSERVE_NO_PROGRESS"))
