@@ -50,6 +50,9 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tens
     pos = torch.arange(nblocks * bs, device=q.device)
     valid = pos[None, :] < seq_lens[:, None].to(q.device)          # [B, N]
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    # Slots past seq_len were never written (torch.empty garbage may be NaN): a zero
+    # probability times NaN is still NaN, so zero them rather than rely on the mask.
+    v = v.masked_fill(~valid[:, :, None, None], 0.0)
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("bkgn,bnkd->bkgd", probs, v)
     return out.reshape(B, hq, d).to(q.dtype)

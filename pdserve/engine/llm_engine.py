@@ -1,0 +1,235 @@
+"""LLMEngine: the single-process, role-agnostic engine. ``step()`` reads as pseudocode:
+schedule → execute → update."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pdserve.cache.block_pool import BlockPool
+from pdserve.cache.kv_cache_manager import KVCacheManager
+from pdserve.config import EngineConfig, ModelConfig, resolve_dtype
+from pdserve.engine.runner import ModelRunner
+from pdserve.engine.scheduler import Scheduler, SchedulerOutput
+from pdserve.engine.sequence import (FINISH_ABORT, FINISH_LENGTH, Sequence, SeqStatus)
+from pdserve.kernels import get_attention_ops
+from pdserve.model.llama import allocate_kv_caches
+from pdserve.model.loader import load_model
+from pdserve.sampling.params import SamplingParams
+from pdserve.sampling.sampler import SampleResult, Sampler
+from pdserve.sampling.stop import TextStream
+from pdserve.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: a delta, and the terminal state once."""
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[TokenLogprob] | None
+    finished: bool
+    finish_reason: str | None
+    stop_reason: int | str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    error: str | None = None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.torch_device()
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model_config = ModelConfig.from_dir(config.model)
+        self.tokenizer = Tokenizer(config.model)
+        self.ops = get_attention_ops(device=self.device)
+        torch.manual_seed(config.seed)
+        self.model = load_model(config.model, self.dtype, self.device, self.ops)
+
+        mc, cc = self.model_config, config.cache
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        bytes_per_block = (mc.num_hidden_layers * 2 * cc.block_size
+                           * mc.num_key_value_heads * mc.head_dim * elem)
+        self.num_blocks = cc.blocks_for_budget(bytes_per_block)
+        self.block_size = cc.block_size
+        self.kv_caches = allocate_kv_caches(mc, self.num_blocks, cc.block_size,
+                                            self.dtype, self.device)
+        self.pool = BlockPool(self.num_blocks, enable_caching=cc.enable_prefix_caching)
+        self.kv = KVCacheManager(self.pool, cc.block_size, cc.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.eos_token_ids = tuple(self.tokenizer.eos_token_ids) or mc.eos_token_ids
+        self.sampler = Sampler(self.eos_token_ids, seed=config.seed)
+        self.runner = ModelRunner(self.model, self.kv_caches, cc.block_size, self.device,
+                                  self.sampler, self.kv.block_table)
+        capacity = self.num_blocks * cc.block_size
+        self.max_model_len = min(config.scheduler.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings, capacity)
+        self.seqs: dict[str, Sequence] = {}
+        self.streams: dict[str, TextStream] = {}
+        logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
+                    mc.architecture, self.device, self.dtype, self.num_blocks, cc.block_size,
+                    self.max_model_len)
+
+    # -- requests -----------------------------------------------------------------------
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        n = len(prompt_token_ids)
+        if n >= self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens; this model accepts at most "
+                             f"{self.max_model_len - 1} prompt tokens")
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab})")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams, prefill_only: bool = False) -> Sequence:
+        if request_id in self.seqs:
+            raise ValueError(f"request id {request_id!r} is already active")
+        self.validate(prompt_token_ids, params)
+        seq = Sequence(request_id, list(prompt_token_ids), params, prefill_only=prefill_only)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        self.seqs[request_id] = seq
+        self.streams[request_id] = TextStream(self.tokenizer, params, seq.prompt_token_ids,
+                                              self.eos_token_ids)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End a request now and free its blocks. Unknown or finished ids are a no-op."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        self._finish(seq, FINISH_ABORT)
+        return self._output(seq, [], "", None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the loop -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            return []
+        sampled = self.runner.execute(sched_out)
+        return self.update(sched_out, sampled)
+
+    def update(self, sched_out: SchedulerOutput,
+               sampled: list[tuple[Sequence, SampleResult]]) -> list[RequestOutput]:
+        self.scheduler.update_after_step(sched_out)
+        now = time.monotonic()
+        outputs = []
+        for seq, res in sampled:
+            seq.tokens.append(res.token_id)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            stream = self.streams[seq.seq_id]
+            text = stream.step(res.token_id)
+            delta, finish = text.delta, text.finish_reason
+            if finish is None and seq.num_tokens >= self.max_model_len:
+                tail = stream.finish_now("length")
+                delta, finish = delta + tail.delta, tail.finish_reason
+            lps = None
+            if res.logprob is not None:
+                lps = [TokenLogprob(res.token_id, res.logprob, list(res.top_logprobs or []))]
+            if finish is not None:
+                seq.stop_reason = stream.stop_reason
+                self._finish(seq, finish)
+            elif seq.prefill_only:
+                # Prefill role: the first token is all this engine produces; the blocks
+                # stay with the sequence until the KV has been exported (release()).
+                seq.status = SeqStatus.PREFILLED
+                self.scheduler.running.remove(seq)
+            outputs.append(self._output(seq, [res.token_id], delta, lps))
+        return outputs
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status == SeqStatus.FINISHED:
+            return
+        self.scheduler.remove(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        self.seqs.pop(seq.seq_id, None)
+        self.streams.pop(seq.seq_id, None)
+
+    # -- decode role: KV computed elsewhere ------------------------------------------------
+    def reserve(self, request_id: str, prompt_token_ids: list[int],
+                params: SamplingParams) -> list[int] | None:
+        """Hold blocks for a prompt whose KV another worker will write. Returns the block
+        ids (in block-table order), or None when the pool cannot hold it now."""
+        if request_id in self.seqs:
+            raise ValueError(f"request id {request_id!r} is already active")
+        self.validate(prompt_token_ids, params)
+        seq = Sequence(request_id, list(prompt_token_ids), params, status=SeqStatus.RESERVED)
+        if not self.kv.allocate(request_id, len(prompt_token_ids)):
+            return None
+        if params.seed is not None:
+            # The first token was sampled by the prefill worker with the same seed; the
+            # generator here continues the request's own random stream for the rest.
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        self.seqs[request_id] = seq
+        self.streams[request_id] = TextStream(self.tokenizer, params, seq.prompt_token_ids,
+                                              self.eos_token_ids)
+        return self.kv.block_table(request_id)
+
+    def activate(self, request_id: str, first_token_id: int,
+                 first_logprob: TokenLogprob | None = None) -> RequestOutput:
+        """The reserved blocks now hold the prompt's KV: join the running batch with the
+        first token already sampled (it is fed to the model in the next step)."""
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.status != SeqStatus.RESERVED:
+            raise ValueError(f"request {request_id!r} holds no reservation")
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.kv.cache_blocks(request_id, seq.tokens, seq.num_computed_tokens)
+        seq.tokens.append(first_token_id)
+        seq.first_token_time = time.monotonic()
+        stream = self.streams[request_id]
+        text = stream.step(first_token_id)
+        delta, finish = text.delta, text.finish_reason
+        if finish is None and seq.num_tokens >= self.max_model_len:
+            tail = stream.finish_now("length")
+            delta, finish = delta + tail.delta, tail.finish_reason
+        lps = [first_logprob] if first_logprob is not None else None
+        if finish is not None:
+            seq.stop_reason = stream.stop_reason
+            self._finish(seq, finish)
+        else:
+            self.scheduler.add_running(seq)
+        return self._output(seq, [first_token_id], delta, lps)
+
+    def release(self, request_id: str) -> None:
+        """Prefill role: the KV of a PREFILLED sequence has been exported; free it."""
+        seq = self.seqs.get(request_id)
+        if seq is not None:
+            self._finish(seq, seq.finish_reason or FINISH_LENGTH)
+
+    def _output(self, seq: Sequence, new_ids: list[int], text: str,
+                lps: list[TokenLogprob] | None) -> RequestOutput:
+        return RequestOutput(
+            request_id=seq.seq_id, new_token_ids=new_ids, new_text=text, new_logprobs=lps,
+            finished=seq.status == SeqStatus.FINISHED, finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason, num_prompt_tokens=seq.num_prompt_tokens,
+            num_output_tokens=seq.num_output_tokens, num_cached_tokens=seq.num_cached_tokens)
+
+    # -- introspection ------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        ps = self.pool.stats()
+        return {"num_running": self.scheduler.num_running,
+                "num_waiting": self.scheduler.num_waiting,
+                "kv_blocks_total": ps.total, "kv_blocks_free": ps.free,
+                "kv_blocks_cached": ps.cached, "kv_blocks_in_use": ps.in_use,
+                "kv_cache_usage": self.kv.usage}

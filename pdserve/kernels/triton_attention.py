@@ -1,0 +1,371 @@
+"""Triton paged attention: split-KV decode and varlen causal prefill over the paged cache.
+
+Same contracts as reference.py (layouts in metadata.py). How the kernels work:
+
+* Both kernels read the context through the block table one tile of BLOCK_N positions at
+  a time: each position's block id is gathered from the table (so a tile may straddle
+  pages and any page size works) and K/V rows are loaded for ONE kv head. Every program
+  handles all G = Hq / Hkv query heads of that kv head, so each K/V tile is loaded once
+  per GQA group rather than once per query head.
+* Softmax is online (flash-attention style) in fp32, in the log2 domain: scores are
+  multiplied by scale * log2(e) and exponentiated with exp2.
+* Decode (one query per sequence) is memory bound and has little parallelism at small
+  batch, so the context is cut into ``num_splits`` partitions computed by separate
+  programs; each writes its partial (max m, sum l, unnormalised acc) to fp32 scratch and a
+  second kernel merges them: w_s = 2^(m_s - max m), out = sum w_s acc_s / sum w_s l_s.
+* Prefill packs (query token, head of the group) pairs into the rows of one tile:
+  row r = token r // BLOCK_G, head r % BLOCK_G. KV tiles that lie wholly after a query
+  block's last position are never visited (causal skip); the diagonal is masked.
+
+Block ids are widened to int64 before they meet a stride: block_id * block_stride passes
+2**31 on caches over 2**31 elements (e.g. 1M blocks of 16 x 1 x 128).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from pdserve.kernels.metadata import AttentionMetadata
+from pdserve.kernels.triton_kv import check_runnable
+
+logger = logging.getLogger(__name__)
+
+_LOG2E = 1.4426950408889634
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, scratch write) dominates
+_MAX_SPLITS = 32
+
+
+@triton.jit
+def _kv_offsets(bt_row_ptr, pos, pmask, kvh, stride_cb, stride_cs, stride_ch,
+                PAGE: tl.constexpr):
+    """Element offsets [N] (int64) of context positions `pos` [N] of one sequence."""
+    blk = tl.load(bt_row_ptr + pos // PAGE, mask=pmask, other=0).to(tl.int64)
+    return blk * stride_cb + (pos % PAGE) * stride_cs + kvh * stride_ch
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, seq_lens_ptr, bt_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    scale_log2, num_splits,
+    stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ob, stride_oh,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_G: tl.constexpr,        # G padded: to 16 for tl.dot's minimum M, else next pow2
+    BLOCK_N: tl.constexpr,        # context positions per tile
+    BLOCK_D: tl.constexpr,        # HEAD_DIM padded to a power of two >= 16 (tl.dot's K)
+    USE_DOT: tl.constexpr,        # tensor-core dot (G > 2) vs broadcast-multiply-sum (G <= 2)
+    ONE_SPLIT: tl.constexpr,      # write the normalised output directly, no scratch/reduce
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs so fp32 does not silently drop to tf32
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    # Whole tiles per split, so only the context's last tile is ragged.
+    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    gmask = offs_g < G
+    dmask = offs_d < HEAD_DIM
+    heads = kvh * G + offs_g
+    b64 = b.to(tl.int64)
+    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    if not USE_DOT:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    bt_row = bt_ptr + b64 * stride_bt
+    # An empty split (start >= end) skips the loop and reports m = -inf, l = 0.
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + offs_n
+        pmask = pos < end
+        kv = _kv_offsets(bt_row, pos, pmask, kvh, stride_cb, stride_cs, stride_ch, PAGE)
+        tmask = pmask[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + kv[:, None] + offs_d[None, :], mask=tmask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_ptr + kv[:, None] + offs_d[None, :], mask=tmask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        if USE_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        else:
+            s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        s = tl.where(pmask[None, :], s * scale_log2, float("-inf"))  # [BLOCK_G, BLOCK_N]
+        # Position `start` is in the first tile, so m_new is finite from the first tile on.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if USE_DOT:
+            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        else:
+            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    if ONE_SPLIT:
+        # l_i == 0 only for an empty context (a padded batch slot): write zeros, not NaN.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+    else:
+        # Scratch is contiguous [B, Hq, num_splits(, HEAD_DIM)].
+        num_heads = tl.num_programs(1) * G
+        row = (b64 * num_heads + heads) * num_splits + split  # [BLOCK_G]
+        tl.store(part_m_ptr + row, m_i, mask=gmask)
+        tl.store(part_l_ptr + row, l_i, mask=gmask)
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                 mask=gmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, num_splits, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two
+    BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    smask = offs_s < num_splits
+    dmask = offs_d < HEAD_DIM
+    row = (b * tl.num_programs(1) + h) * num_splits + offs_s  # [BLOCK_S]
+    m = tl.load(part_m_ptr + row, mask=smask, other=float("-inf"))
+    l = tl.load(part_l_ptr + row, mask=smask, other=0.0)
+    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=smask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
+    m_max = tl.max(m, axis=0)
+    w = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)  # empty splits weigh nothing
+    l_tot = tl.sum(w * l, axis=0)
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(l_tot > 0, l_tot, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=dmask)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, scale_log2,
+    stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_G: tl.constexpr,        # G rounded up to a power of two (row -> head is a bit split)
+    BLOCK_Q: tl.constexpr,        # query tokens per program; BLOCK_M = BLOCK_Q * BLOCK_G rows
+    BLOCK_M: tl.constexpr,        # rows of the score tile, >= 16 for tl.dot
+    BLOCK_N: tl.constexpr,        # context positions per tile
+    BLOCK_D: tl.constexpr,        # HEAD_DIM padded to a power of two >= 16
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs so fp32 does not silently drop to tf32
+):
+    qblk = tl.program_id(0)
+    seq = tl.program_id(1)
+    kvh = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + seq)
+    q_len = tl.load(qsl_ptr + seq + 1) - q_start
+    if qblk * BLOCK_Q >= q_len:  # grid is sized for the longest query; shorter ones stop here
+        return
+    ctx = tl.load(seq_lens_ptr + seq)
+    prefix = ctx - q_len  # tokens already in the cache before this step's new ones
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    tok = qblk * BLOCK_Q + offs_m // BLOCK_G  # [BLOCK_M] index among the new tokens
+    heads = kvh * G + offs_m % BLOCK_G
+    rmask = (tok < q_len) & (offs_m % BLOCK_G < G)
+    dmask = offs_d < HEAD_DIM
+    qrow = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + qrow[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    q_pos = prefix + tok  # absolute context position of each row's token
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
+    # Causal skip: nothing after this query block's last position is ever visible.
+    kv_end = tl.minimum(ctx, prefix + (qblk + 1) * BLOCK_Q)
+    for n0 in range(0, kv_end, BLOCK_N):
+        pos = n0 + offs_n
+        pmask = pos < kv_end
+        kv = _kv_offsets(bt_row, pos, pmask, kvh, stride_cb, stride_cs, stride_ch, PAGE)
+        tmask = pmask[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + kv[:, None] + offs_d[None, :], mask=tmask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_ptr + kv[:, None] + offs_d[None, :], mask=tmask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        visible = (pos[None, :] <= q_pos[:, None]) & pmask[None, :]
+        s = tl.where(visible, s, float("-inf"))  # [BLOCK_M, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A row sees position 0 in the first tile whenever seq_len >= query_len; the guard
+        # keeps a row with nothing visible yet (bad metadata) at 0 instead of NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out_ptr + qrow[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+
+def _check_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor,
+                 block_tables: Tensor) -> tuple[int, int, int, int]:
+    """Caller-mistake checks shared by both entry points; returns (Hq, Hkv, D, page)."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be [tokens, Hq, D], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError("k_cache and v_cache must both be [num_blocks, block_size, Hkv, D], "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    _, hq, d = q.shape
+    _, page, hkv, dc = k_cache.shape
+    if dc != d:
+        raise ValueError(f"q head_dim {d} != cache head_dim {dc}")
+    if hq % hkv != 0:
+        raise ValueError(f"query heads {hq} must be a multiple of kv heads {hkv}")
+    if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"q, k_cache, v_cache must share one dtype of {_DTYPES}; got "
+                         f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last (head_dim) dimension")
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError(f"k_cache strides {k_cache.stride()} != v_cache strides {v_cache.stride()}")
+    if seq_lens.dim() != 1 or seq_lens.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"seq_lens must be 1-D int32/int64, got {tuple(seq_lens.shape)} {seq_lens.dtype}")
+    if (block_tables.dim() != 2 or block_tables.shape[0] != seq_lens.shape[0]
+            or block_tables.dtype not in _INDEX_DTYPES):
+        raise ValueError(f"block_tables must be [{seq_lens.shape[0]}, max_blocks] int32/int64, got "
+                         f"{tuple(block_tables.shape)} {block_tables.dtype}")
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables rows must be contiguous")
+    check_runnable(q, k_cache, v_cache, seq_lens, block_tables)
+    return hq, hkv, d, page
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """Enough (batch x kv head x split) programs for ~2 waves over the SMs, but never a
+    split shorter than _MIN_TOKENS_PER_SPLIT positions."""
+    by_len = max(1, triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT))
+    if device.type != "cuda":
+        return min(2, by_len)  # interpreter: parallelism buys nothing, keep the reduce covered
+    want = triton.cdiv(2 * _sm_count(device.index or 0), max(1, batch * num_kv_heads))
+    return max(1, min(want, by_len, _MAX_SPLITS))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor,
+                     block_tables: Tensor, scale: float, num_splits: int | None = None,
+                     max_seq_len: int | None = None) -> Tensor:
+    """One query token per sequence. q: [B, Hq, D]; caches [num_blocks, page, Hkv, D];
+    seq_lens: [B]; block_tables: [B, max_blocks]. Returns [B, Hq, D] in q's dtype.
+
+    num_splits=None picks one from max_seq_len (read from seq_lens, a host sync, when not
+    given), batch and SM count; pass it explicitly for CUDA-graph capture. A sequence of
+    length 0 (a padded batch slot) gets zeros."""
+    hq, hkv, d, page = _check_paged(q, k_cache, v_cache, seq_lens, block_tables)
+    bsz = q.shape[0]
+    if seq_lens.shape[0] != bsz:
+        raise ValueError(f"decode needs one query per sequence: q has {bsz} rows, "
+                         f"seq_lens {seq_lens.shape[0]}")
+    out = torch.empty((bsz, hq, d), dtype=q.dtype, device=q.device)  # [B, Hq, D]
+    if bsz == 0:
+        return out
+    if num_splits is None:
+        if max_seq_len is None:
+            max_seq_len = int(seq_lens.max())
+        num_splits = choose_num_splits(bsz, hkv, max_seq_len, q.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    g = hq // hkv
+    use_dot = g > 2
+    block_g = max(16, triton.next_power_of_2(g)) if use_dot else triton.next_power_of_2(g)
+    # The broadcast path holds a [BLOCK_G, BLOCK_N, BLOCK_D] product in registers: keep it small.
+    block_n = 64 if use_dot and q.dtype != torch.float32 else 32
+    block_d = max(16, triton.next_power_of_2(d))
+    one = num_splits == 1
+    if one:
+        part_m = part_l = part_acc = out  # unused by the ONE_SPLIT variant
+    else:
+        part_m = torch.empty((bsz, hq, num_splits), dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty((bsz, hq, num_splits, d), dtype=torch.float32, device=q.device)
+    seq_lens = seq_lens.contiguous()
+    _decode_split_kernel[(bsz, hkv, num_splits)](
+        q, k_cache, v_cache, seq_lens, block_tables, out, part_m, part_l, part_acc,
+        scale * _LOG2E, num_splits,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        G=g, HEAD_DIM=d, PAGE=page, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
+        USE_DOT=use_dot, ONE_SPLIT=one, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4,
+    )
+    if not one:
+        _decode_reduce_kernel[(bsz, hq)](
+            part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=triton.next_power_of_2(d),
+        )
+    return out
+
+
+def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, query_start_loc: Tensor,
+                      seq_lens: Tensor, block_tables: Tensor, scale: float,
+                      max_query_len: int) -> Tensor:
+    """Varlen causal attention over a paged context. q: [T, Hq, D], ragged by
+    query_start_loc [B + 1]; sequence i's new tokens are the last query_len positions of
+    its seq_lens[i]-token context. max_query_len must bound every query_len (it sizes the
+    grid). Returns [T, Hq, D] in q's dtype."""
+    hq, hkv, d, page = _check_paged(q, k_cache, v_cache, seq_lens, block_tables)
+    bsz = seq_lens.shape[0]
+    if query_start_loc.shape != (bsz + 1,) or query_start_loc.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"query_start_loc must be [{bsz + 1}] int32/int64, got "
+                         f"{tuple(query_start_loc.shape)} {query_start_loc.dtype}")
+    check_runnable(q, query_start_loc)
+    out = torch.empty((q.shape[0], hq, d), dtype=q.dtype, device=q.device)  # [T, Hq, D]
+    if bsz == 0 or max_query_len <= 0 or q.shape[0] == 0:
+        return out
+    g = hq // hkv
+    block_g = triton.next_power_of_2(g)
+    wide = q.device.type == "cuda" and q.dtype != torch.float32
+    # 128 x 64 tiles with 8 warps fit 16-bit K/V tiles and the fp32 accumulator in registers
+    # at head_dim 128; fp32 (and the interpreter) use 64 x 32 to halve register/smem use.
+    block_m = max(128 if wide else 64, block_g)
+    block_n = 64 if wide else 32
+    _prefill_kernel[(triton.cdiv(max_query_len, block_m // block_g), bsz, hkv)](
+        q, k_cache, v_cache, out, query_start_loc.contiguous(), seq_lens.contiguous(),
+        block_tables, scale * _LOG2E,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        G=g, HEAD_DIM=d, PAGE=page, BLOCK_G=block_g, BLOCK_Q=block_m // block_g,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=8 if wide else 4, num_stages=3 if wide else 2,
+    )
+    return out
+
+
+def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
+                    scale: float) -> Tensor:
+    """Mixed step. A pure-decode step (one query row per sequence) takes the split-KV
+    decode kernel; anything else, decode rows included, goes through the prefill kernel."""
+    if meta.is_pure_decode and q.shape[0] == meta.num_seqs:
+        return decode_attention(q, k_cache, v_cache, meta.seq_lens, meta.block_tables, scale,
+                                max_seq_len=meta.max_seq_len)
+    return prefill_attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
+                             meta.block_tables, scale, meta.max_query_len)

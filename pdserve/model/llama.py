@@ -1,0 +1,185 @@
+"""Llama-family causal LM on a paged KV cache: Llama 2/3/3.x, Mistral, Qwen2, Qwen3.
+
+Single-device and readable. Every step is one flattened ragged batch of T tokens (prefill
+chunks and decode tokens mixed); the attention kernels behind `AttentionOps` read the
+per-step `AttentionMetadata` to know which tokens belong to which sequence.
+
+Module names follow Hugging Face (`model.layers.0.self_attn.q_proj.weight`, ...) so a
+checkpoint maps 1:1 onto `state_dict()`. Family differences are flags of ModelConfig:
+    attention_bias  bias on q/k/v (Qwen2 always; Llama/Qwen3 also on o_proj when set)
+    qk_norm         per-head RMSNorm on q and k before RoPE (Qwen3)
+Op order mirrors HF so fp32 greedy decoding matches token for token.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pdserve.config import ModelConfig
+from pdserve.kernels.metadata import AttentionMetadata
+from pdserve.model.rope import RotaryEmbedding, apply_rotary
+
+KVCache = tuple[Tensor, Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]
+
+
+class AttentionOps(Protocol):
+    """The paged-attention kernels (pdserve/kernels: torch reference and Triton)."""
+
+    def write_kv(self, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+                 slot_mapping: Tensor) -> None: ...
+
+    def paged_attention(self, q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                        meta: AttentionMetadata, scale: float) -> Tensor: ...
+
+
+class RMSNorm(nn.Module):
+    """Normalized in float32, cast back, then scaled (HF order: the weight multiplies the
+    already-cast activations, which matters in bf16)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        var = x.pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(var + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, ops: AttentionOps):
+        super().__init__()
+        self.ops = ops
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = d = config.head_dim
+        self.scale = d ** -0.5
+        hidden, qkv_bias = config.hidden_size, config.attention_bias
+        # Qwen2 has bias on q/k/v only; Llama/Qwen3 `attention_bias` also covers o_proj.
+        o_bias = config.attention_bias and config.family != "qwen2"
+        self.q_proj = nn.Linear(hidden, self.num_heads * d, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, hidden, bias=o_bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:
+            self.q_norm = RMSNorm(d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], kv_cache: KVCache,
+                meta: AttentionMetadata) -> Tensor:
+        # x: [T, hidden]; rope: (cos, sin) each [T, 1, D] for this step's positions
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)       # [T, Hq, D]
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)    # [T, Hkv, D]
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)    # [T, Hkv, D]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, k, *rope)
+        k_cache, v_cache = kv_cache
+        # Write first: the new tokens attend to themselves through the cache.
+        self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        o = self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]
+        return self.o_proj(o.reshape(T, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, ops: AttentionOps):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, h: Tensor, rope: tuple[Tensor, Tensor], kv_cache: KVCache,
+                meta: AttentionMetadata) -> Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), rope, kv_cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    """The decoder stack (HF's `model.` prefix)."""
+
+    def __init__(self, config: ModelConfig, ops: AttentionOps):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings,
+                                          config.rope_theta, config.rope_scaling)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, ops) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, ops: AttentionOps):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, ops)
+        # Tied: logits use embed_tokens.weight directly, so there is no second parameter
+        # to keep in sync (materializing from the meta device would silently untie it).
+        self.lm_head: nn.Linear | None = (
+            None if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+
+    def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list[KVCache],
+                meta: AttentionMetadata) -> Tensor:
+        # input_ids, positions: [T]; returns hidden states [T, hidden] after the final norm.
+        if len(kv_caches) != len(self.model.layers):
+            raise ValueError(f"got {len(kv_caches)} KV caches for "
+                             f"{len(self.model.layers)} layers")
+        h = self.model.embed_tokens(input_ids)                            # [T, hidden]
+        rope = self.model.rotary_emb(positions, h.dtype)                  # 2 x [T, 1, D]
+        for layer, kv_cache in zip(self.model.layers, kv_caches):
+            h = layer(h, rope, kv_cache, meta)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        # hidden: [n, hidden] (usually each sequence's last token) -> [n, vocab] float32
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+
+def kv_cache_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    """Shape of one layer's K (or V) cache: [num_blocks, block_size, Hkv, D]."""
+    return (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+
+
+def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block id costs across all layers, K and V (for sizing the pool)."""
+    per_layer = block_size * config.num_key_value_heads * config.head_dim
+    return 2 * config.num_hidden_layers * per_layer * torch.empty((), dtype=dtype).element_size()
+
+
+def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int,
+                       dtype: torch.dtype, device: torch.device | str) -> list[KVCache]:
+    """One (k_cache, v_cache) pair per layer, views into one zeroed buffer:
+
+        kv: [num_layers, 2, num_blocks, block_size, Hkv, D]
+             layer l -> (kv[l, 0], kv[l, 1]), each contiguous
+
+    One allocation keeps memory accounting simple and gives transports a single base
+    pointer (CUDA IPC handle, registered buffer). Zeroed so that padding slots a kernel
+    might read are finite.
+    """
+    if num_blocks < 1 or block_size < 1:
+        raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
+    kv = torch.zeros((config.num_hidden_layers, 2, *kv_cache_shape(config, num_blocks, block_size)),
+                     dtype=dtype, device=device)
+    return [(kv[l, 0], kv[l, 1]) for l in range(config.num_hidden_layers)]

@@ -1,0 +1,174 @@
+"""Tokenizer (a thin wrapper over a local Hugging Face tokenizer) and incremental detokenizer.
+
+IncrementalDetokenizer: how this works. Decoding token i alone is wrong in general: a
+SentencePiece token drops its leading space when decoded at the start of a string, and a
+byte-level BPE token may hold half of a UTF-8 character. So each step decodes two short
+windows of the token list,
+
+    tokens:  ... | prefix_offset ........ read_offset ........ | new token
+                   [------- prefix_text -------]
+                   [----------------- full_text -------------------------]
+
+and emits full_text[len(prefix_text):]. If full_text ends in U+FFFD the last character is
+an incomplete multi-byte sequence: emit nothing and keep the offsets, so the next token
+re-decodes it whole. Otherwise slide the window: prefix_offset <- read_offset,
+read_offset <- len(tokens). The window stays a few tokens wide, so each step costs O(1)
+decode work, not a re-decode of the whole output.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+# Prompt tokens kept as left context for the first output token (enough for any
+# tokenizer's leading-space / merge behaviour to settle).
+_PROMPT_CONTEXT_TOKENS = 5
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class Tokenizer:
+    """A Hugging Face tokenizer loaded from a local model directory (never downloads)."""
+
+    def __init__(self, model_dir: str | Path) -> None:
+        path = Path(model_dir)
+        if not path.is_dir():
+            raise ValueError(f"tokenizer directory does not exist: {path}")
+        try:
+            self.hf: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(
+                str(path), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load a tokenizer from {path}: {e}") from e
+        self.model_dir = path
+        self.eos_token_ids: tuple[int, ...] = _collect_eos_ids(self.hf, path)
+        if not self.eos_token_ids:
+            logger.warning("tokenizer in %s defines no eos token; only stop rules end sequences",
+                           path)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the tokenizer knows, added tokens included.
+
+        May be smaller than the model's logits width (heads are often padded)."""
+        return len(self.hf)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"text to encode must be a string, got {type(text).__name__}")
+        return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        # No clean-up of tokenization spaces, here and in the incremental detokenizer, so a
+        # streamed response concatenates to exactly the non-streamed one.
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens,
+                              clean_up_tokenization_spaces=False)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]],
+                            add_generation_prompt: bool = True) -> list[int]:
+        """Render messages with the model's chat template and tokenize the result."""
+        _validate_messages(messages)
+        if not getattr(self.hf, "chat_template", None):
+            raise ValueError(f"the model in {self.model_dir} has no chat template; "
+                             "send a plain prompt instead of chat messages")
+        try:
+            text = self.hf.apply_chat_template(messages, tokenize=False,
+                                               add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja2 errors (raise_exception in templates, bad fields)
+            raise ValueError(f"chat template failed on these messages: {e}") from e
+        assert isinstance(text, str), type(text)
+        # The template already writes any BOS it wants; adding special tokens would double it.
+        return self.encode(text, add_special_tokens=False)
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of output token ids into text deltas that are never broken UTF-8."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int],
+                 skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip_special = skip_special_tokens
+        # Only the prompt's tail is needed as context; the list then grows with the output.
+        context = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
+        self._tokens: list[int] = context
+        self._prefix_offset = 0
+        self._read_offset = len(context)
+        self._num_context = len(context)
+        self._text_parts: list[str] = []
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self._tokens[self._num_context:]
+
+    @property
+    def text(self) -> str:
+        """All output text emitted so far (held-back incomplete characters excluded)."""
+        if len(self._text_parts) > 1:
+            self._text_parts = ["".join(self._text_parts)]
+        return self._text_parts[0] if self._text_parts else ""
+
+    def add(self, token_id: int) -> str:
+        """Append one token, return the newly completed text (possibly empty)."""
+        self._tokens.append(int(token_id))
+        prefix_text = self._decode(self._tokens[self._prefix_offset:self._read_offset])
+        full_text = self._decode(self._tokens[self._prefix_offset:])
+        if len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT_CHAR):
+            # Nothing visible yet (special token skipped) or an incomplete character:
+            # keep the window so a later token re-decodes it.
+            return ""
+        delta = full_text[len(prefix_text):]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._tokens)
+        self._text_parts.append(delta)
+        return delta
+
+    def add_many(self, token_ids: Iterable[int]) -> str:
+        return "".join(self.add(t) for t in token_ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
+
+
+def _validate_messages(messages: Any) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {role, content} objects")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise ValueError(f"messages[{i}] must be an object, got {type(msg).__name__}")
+        role = msg.get("role")
+        if role not in CHAT_ROLES:
+            raise ValueError(f"messages[{i}].role must be one of {sorted(CHAT_ROLES)}, "
+                             f"got {role!r}")
+        if not isinstance(msg.get("content"), str):
+            raise ValueError(f"messages[{i}].content must be a string")
+
+
+def _collect_eos_ids(hf: PreTrainedTokenizerBase, path: Path) -> tuple[int, ...]:
+    """Union of the tokenizer's eos and eos_token_id in config.json / generation_config.json.
+
+    Chat models often end turns with a token (e.g. <|eot_id|>) that only the generation
+    config lists, so the tokenizer's eos alone would run past the end of a reply."""
+    ids: set[int] = set()
+    if hf.eos_token_id is not None:
+        ids.add(int(hf.eos_token_id))
+    for name in ("config.json", "generation_config.json"):
+        f = path / name
+        if not f.is_file():
+            continue
+        try:
+            cfg = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            logger.warning("ignoring unreadable %s: %s", f, e)
+            continue
+        eos = cfg.get("eos_token_id") if isinstance(cfg, dict) else None
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, list):
+            ids.update(int(t) for t in eos if isinstance(t, int))
+    return tuple(sorted(ids))

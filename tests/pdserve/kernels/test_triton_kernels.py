@@ -1,0 +1,170 @@
+"""Triton paged-KV kernels against the torch reference (CPU: under TRITON_INTERPRET=1).
+
+The interpreter runs every program in Python, so shapes are tiny and the grid is small;
+test_triton_gpu.py repeats the parities at serving sizes on CUDA.
+
+Tolerances (kernel vs reference, which does all math in fp32):
+  fp32: atol=rtol=1e-4 (accumulation order and exp2 vs exp only)
+  fp16: atol=3e-3, rtol=1e-2 (P is rounded to fp16 before P@V, output rounded to fp16)
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET != '1': Triton kernels cannot run",
+                allow_module_level=True)
+
+from pdserve.kernels import reference  # noqa: E402
+from pdserve.kernels import triton_attention, triton_kv  # noqa: E402
+from pdserve.kernels.metadata import AttentionMetadata  # noqa: E402
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=3e-3, rtol=1e-2)}
+
+
+def make_case(ctx_lens: list[int], q_lens: list[int], *, page: int, hkv: int, g: int, d: int,
+              dtype: torch.dtype, num_blocks: int | None = None, seed: int = 0) -> dict:
+    """A paged cache holding each sequence's context in shuffled blocks; every slot not
+    holding a context token is NaN, so a kernel that reads one fails loudly. With
+    num_blocks given, block ids are drawn from the top of the cache (large ids)."""
+    gen = torch.Generator().manual_seed(seed)
+    nblk = [-(-c // page) for c in ctx_lens]
+    need = sum(nblk)
+    total = num_blocks or need + 3
+    ids = torch.randperm(need + 3, generator=gen) + (total - need - 3)
+    bt = torch.zeros(len(ctx_lens), max(nblk) + 1, dtype=torch.int32)  # pad column = block 0
+    slots: list[int] = []
+    for i, n in enumerate(nblk):
+        bt[i, :n] = ids[sum(nblk[:i]):sum(nblk[:i]) + n].int()
+        slots += [int(bt[i, p // page]) * page + p % page for p in range(ctx_lens[i])]
+    k_cache = torch.full((total, page, hkv, d), float("nan"), dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    k = torch.randn(len(slots), hkv, d, generator=gen)
+    v = torch.randn(len(slots), hkv, d, generator=gen)
+    reference.write_kv(k, v, k_cache, v_cache, torch.tensor(slots, dtype=torch.int64))
+    q = torch.randn(sum(q_lens), hkv * g, d, generator=gen).to(dtype)
+    qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(sum(q_lens), dtype=torch.int64, device=DEVICE),
+        query_start_loc=qsl.to(DEVICE), seq_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE),
+        block_tables=bt.to(DEVICE), max_query_len=max(q_lens), max_seq_len=max(ctx_lens),
+        query_lens_cpu=q_lens, seq_lens_cpu=ctx_lens)
+    return dict(q=q.to(DEVICE), k_cache=k_cache.to(DEVICE), v_cache=v_cache.to(DEVICE),
+                meta=meta, scale=d ** -0.5)
+
+
+def _decode_pair(c: dict, num_splits: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    m = c["meta"]
+    got = triton_attention.decode_attention(c["q"], c["k_cache"], c["v_cache"], m.seq_lens,
+                                            m.block_tables, c["scale"], num_splits=num_splits)
+    want = reference.decode_attention(c["q"], c["k_cache"], c["v_cache"], m.seq_lens,
+                                      m.block_tables, c["scale"])
+    return got, want
+
+
+def _prefill_pair(c: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    m = c["meta"]
+    args = (c["q"], c["k_cache"], c["v_cache"], m.query_start_loc, m.seq_lens, m.block_tables, c["scale"])
+    return triton_attention.prefill_attention(*args, m.max_query_len), reference.prefill_attention(*args)
+
+
+# (ctx_lens, page, hkv, g, d, dtype): ragged lengths incl. 1, non-multiples of the page,
+# and a context spanning many blocks; G=1/2 take the broadcast path, G>=3 the tl.dot path.
+DECODE_CASES = [
+    ([1, 17, 100], 16, 2, 1, 64, torch.float32),
+    ([5, 8, 33], 8, 1, 3, 128, torch.float16),
+    ([64, 1, 95], 32, 2, 4, 64, torch.float32),
+    ([200], 8, 1, 8, 128, torch.float16),
+    ([9, 40], 16, 1, 2, 64, torch.float16),
+]
+
+
+@pytest.mark.parametrize("ctx,page,hkv,g,d,dtype", DECODE_CASES)
+def test_decode_parity(ctx: list[int], page: int, hkv: int, g: int, d: int, dtype: torch.dtype) -> None:
+    c = make_case(ctx, [1] * len(ctx), page=page, hkv=hkv, g=g, d=d, dtype=dtype)
+    got, want = _decode_pair(c, num_splits=None)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
+def test_decode_split_kv(num_splits: int) -> None:
+    # 7 splits of a 1-token or 50-token context leave empty splits the merge must ignore.
+    c = make_case([1, 50, 130], [1, 1, 1], page=16, hkv=1, g=4, d=64, dtype=torch.float32, seed=1)
+    got, want = _decode_pair(c, num_splits=num_splits)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+# (ctx_lens, q_lens, page, hkv, g, d, dtype): q_len < ctx means a prefix is already cached.
+PREFILL_CASES = [
+    ([1, 17, 40], [1, 17, 40], 16, 2, 1, 64, torch.float32),
+    ([20, 9, 45], [5, 9, 1], 8, 1, 3, 128, torch.float16),
+    ([70, 33], [70, 10], 32, 1, 4, 64, torch.float16),
+    ([130], [30], 8, 1, 8, 64, torch.float32),
+]
+
+
+@pytest.mark.parametrize("ctx,qlens,page,hkv,g,d,dtype", PREFILL_CASES)
+def test_prefill_parity(ctx: list[int], qlens: list[int], page: int, hkv: int, g: int, d: int,
+                        dtype: torch.dtype) -> None:
+    c = make_case(ctx, qlens, page=page, hkv=hkv, g=g, d=d, dtype=dtype, seed=2)
+    got, want = _prefill_pair(c)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("qlens", [[1, 6, 1], [1, 1, 1]])
+def test_paged_attention_dispatch(qlens: list[int]) -> None:
+    """Mixed steps go through the prefill kernel, pure decode through split-KV decode."""
+    c = make_case([12, 30, 7], qlens, page=8, hkv=1, g=4, d=64, dtype=torch.float32, seed=3)
+    got = triton_attention.paged_attention(c["q"], c["k_cache"], c["v_cache"], c["meta"], c["scale"])
+    want = reference.paged_attention(c["q"], c["k_cache"], c["v_cache"], c["meta"], c["scale"])
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+def test_large_block_ids() -> None:
+    """Block ids near the end of a 64k-block cache (small heads keep it ~8 MB each)."""
+    nb = 1 << 16
+    c = make_case([40, 3], [40, 1], page=8, hkv=1, g=4, d=16, dtype=torch.float16, num_blocks=nb)
+    assert int(c["meta"].block_tables.min()) >= 0 and int(c["meta"].block_tables[:, 0].min()) > nb - 16
+    torch.testing.assert_close(*_prefill_pair(c), **TOL[torch.float16])
+    c["q"] = c["q"][[39, 40]]
+    torch.testing.assert_close(*_decode_pair(c, num_splits=2), **TOL[torch.float16])
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_write_kv_parity(cache_dtype: torch.dtype) -> None:
+    nb, page, hkv, d = 1 << 12, 16, 2, 64
+    qkv = torch.randn(7, 3, hkv, d, device=DEVICE)  # k, v as strided views of a fused output
+    k, v = qkv[:, 1], qkv[:, 2]
+    slots = torch.tensor([0, -1, 17, nb * page - 1, -1, 5 * page + 3, (nb - 2) * page],
+                         dtype=torch.int64, device=DEVICE)
+    k_cache = torch.randn(nb, page, hkv, d, device=DEVICE).to(cache_dtype)
+    v_cache = torch.randn_like(k_cache)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    reference.write_kv(k, v, want_k, want_v, slots)
+    triton_kv.write_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+def test_wrappers_reject_bad_inputs() -> None:
+    c = make_case([5], [1], page=8, hkv=2, g=2, d=64, dtype=torch.float32)
+    q, kc, vc, m = c["q"], c["k_cache"], c["v_cache"], c["meta"]
+    decode = triton_attention.decode_attention
+    with pytest.raises(ValueError, match="dtype"):
+        decode(q.half(), kc, vc, m.seq_lens, m.block_tables, 1.0)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        decode(q[:, :3], kc, vc, m.seq_lens, m.block_tables, 1.0)
+    with pytest.raises(ValueError, match="contiguous last"):
+        decode(q.transpose(1, 2).contiguous().transpose(1, 2), kc, vc, m.seq_lens, m.block_tables, 1.0)
+    with pytest.raises(ValueError, match="block_tables"):
+        decode(q, kc, vc, m.seq_lens, m.block_tables.float(), 1.0)
+    with pytest.raises(ValueError, match="num_splits"):
+        decode(q, kc, vc, m.seq_lens, m.block_tables, 1.0, num_splits=0)
+    with pytest.raises(ValueError, match="query_start_loc"):
+        triton_attention.prefill_attention(q, kc, vc, m.seq_lens, m.seq_lens, m.block_tables, 1.0, 1)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        triton_kv.write_kv(kc[0], vc[0], kc, vc, torch.zeros(8, dtype=torch.int32, device=DEVICE))
