@@ -56,6 +56,9 @@ class ModelConfig:
     qk_norm: bool                    # per-head RMSNorm on q and k (Qwen3)
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # Mistral v0.1-style local attention window; None = full attention. pdserve's kernels
+    # attend to the whole context, so this only matters past `sliding_window` tokens.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -111,6 +114,7 @@ class ModelConfig:
                 qk_norm=family == "qwen3",
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),
+                sliding_window=_sliding_window(cfg),
             )
         except KeyError as e:
             raise ValueError(f"{source}: missing required field {e.args[0]!r}") from e
@@ -122,6 +126,14 @@ class ModelConfig:
             raise FileNotFoundError(f"{path}: no config.json in model directory {model_dir}")
         with open(path) as f:
             return ModelConfig.from_dict(json.load(f), source=str(path))
+
+
+def _sliding_window(cfg: dict[str, Any]) -> int | None:
+    # Qwen2/3 configs carry a window even when `use_sliding_window` is false.
+    window = cfg.get("sliding_window")
+    if window is None or not cfg.get("use_sliding_window", True):
+        return None
+    return int(window)
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ windows of the token list,
                    [----------------- full_text -------------------------]
 
 and emits full_text[len(prefix_text):]. If full_text ends in U+FFFD the last character is
-an incomplete multi-byte sequence: emit nothing and keep the offsets, so the next token
-re-decodes it whole. Otherwise slide the window: prefix_offset <- read_offset,
-read_offset <- len(tokens). The window stays a few tokens wide, so each step costs O(1)
-decode work, not a re-decode of the whole output.
+an incomplete multi-byte sequence: emit only the text before it and keep the offsets, so
+the next token re-decodes that character whole. Otherwise slide the window:
+prefix_offset <- read_offset, read_offset <- len(tokens). The window stays a few tokens
+wide, so each step costs O(1) decode work, not a re-decode of the whole output.
 """
 from __future__ import annotations
 
@@ -67,8 +67,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         # No clean-up of tokenization spaces, here and in the incremental detokenizer, so a
         # streamed response concatenates to exactly the non-streamed one.
-        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens,
+        text = self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens,
                               clean_up_tokenization_spaces=False)
+        assert isinstance(text, str), type(text)  # a flat id list decodes to one string
+        return text
 
     def apply_chat_template(self, messages: list[dict[str, Any]],
                             add_generation_prompt: bool = True) -> list[int]:
@@ -97,9 +99,14 @@ class IncrementalDetokenizer:
         # Only the prompt's tail is needed as context; the list then grows with the output.
         context = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
         self._tokens: list[int] = context
+        self._num_context = len(context)
         self._prefix_offset = 0
         self._read_offset = len(context)
-        self._num_context = len(context)
+        # len(decode(tokens[prefix_offset:read_offset])): context text, never emitted.
+        self._prefix_len = len(self._decode(context))
+        # Characters of decode(tokens[prefix_offset:]) already emitted or context;
+        # >= _prefix_len, and > it while a complete text precedes an incomplete character.
+        self._window_emitted = self._prefix_len
         self._text_parts: list[str] = []
 
     @property
@@ -116,16 +123,26 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one token, return the newly completed text (possibly empty)."""
         self._tokens.append(int(token_id))
-        prefix_text = self._decode(self._tokens[self._prefix_offset:self._read_offset])
         full_text = self._decode(self._tokens[self._prefix_offset:])
-        if len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT_CHAR):
-            # Nothing visible yet (special token skipped) or an incomplete character:
-            # keep the window so a later token re-decodes it.
-            return ""
-        delta = full_text[len(prefix_text):]
-        self._prefix_offset = self._read_offset
-        self._read_offset = len(self._tokens)
-        self._text_parts.append(delta)
+        # A trailing run of U+FFFD is (part of) an incomplete character: everything before
+        # it is final, so emit that much now. Holding the whole token back instead (the
+        # textbook rule) can hold text forever when every token ends mid-character, as
+        # byte-level BPE merges across CJK characters do.
+        end = len(full_text)
+        while end > self._window_emitted and full_text[end - 1] == _REPLACEMENT_CHAR:
+            end -= 1
+        delta = full_text[self._window_emitted:end]
+        self._window_emitted = max(self._window_emitted, end)
+        if len(full_text) > self._prefix_len and not full_text.endswith(_REPLACEMENT_CHAR):
+            # The window ends on a character boundary: slide it so it stays a few tokens.
+            # (A token with no text, e.g. a skipped special token, keeps the window so the
+            # next token still decodes with real left context.)
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._tokens)
+            self._prefix_len = len(self._decode(self._tokens[self._prefix_offset:]))
+            self._window_emitted = self._prefix_len
+        if delta:
+            self._text_parts.append(delta)
         return delta
 
     def add_many(self, token_ids: Iterable[int]) -> str:

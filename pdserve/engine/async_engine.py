@@ -53,9 +53,13 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, on_fatal: Callable[[BaseException], None] | None = None):
+    def __init__(self, engine: LLMEngine, on_fatal: Callable[[BaseException], None] | None = None,
+                 sink: Callable[[RequestOutput], None] | None = None):
         self.engine = engine
         self.on_fatal = on_fatal
+        # Workers pass a sink: every output goes to it (on the asyncio loop) instead of a
+        # per-request stream, so one outbox can batch all requests of a step.
+        self.sink = sink
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, RequestStream] = {}
@@ -81,8 +85,7 @@ class AsyncEngine:
         if self.dead is not None:
             raise EngineDeadError(f"engine loop died: {self.dead}")
         self.engine.validate(prompt_token_ids, params)   # read-only: safe off-thread
-        stream = RequestStream(request_id)
-        self._streams[request_id] = stream
+        stream = self.open_stream(request_id)
 
         def cmd() -> None:
             try:
@@ -91,6 +94,19 @@ class AsyncEngine:
                 self._deliver([_error_output(request_id, str(e), len(prompt_token_ids))])
         self._submit(cmd)
         return stream
+
+    def open_stream(self, request_id: str) -> RequestStream:
+        """Register a stream for a request that enters the engine another way
+        (a decode reservation activated by a KV transfer)."""
+        stream = RequestStream(request_id)
+        if self.sink is None:
+            self._streams[request_id] = stream
+        return stream
+
+    def publish(self, outs: list[RequestOutput]) -> None:
+        """Deliver outputs produced outside step() (call from the engine thread, in
+        order with the step outputs)."""
+        self._deliver(outs)
 
     def abort(self, request_id: str) -> None:
         def cmd() -> None:
@@ -131,7 +147,8 @@ class AsyncEngine:
         except BaseException as e:  # noqa: BLE001 - the loop must never die silently
             logger.exception("engine step loop died")
             self.dead = e
-            outs = [_error_output(rid, f"engine loop died: {e}", 0) for rid in list(self._streams)]
+            rids = list(self._streams) if self.sink is None else list(self.engine.seqs)
+            outs = [_error_output(rid, f"engine loop died: {e}", 0) for rid in rids]
             self._deliver(outs)
             if self.on_fatal is not None:
                 self.on_fatal(e)
@@ -150,6 +167,10 @@ class AsyncEngine:
         self._loop.call_soon_threadsafe(self._dispatch, outs)
 
     def _dispatch(self, outs: list[RequestOutput]) -> None:
+        if self.sink is not None:
+            for out in outs:
+                self.sink(out)
+            return
         for out in outs:
             stream = self._streams.get(out.request_id)
             if stream is None:

@@ -137,23 +137,26 @@ class LLMEngine:
             seq.tokens.append(res.token_id)
             if seq.first_token_time is None:
                 seq.first_token_time = now
+            lps = None
+            if res.logprob is not None:
+                lps = [TokenLogprob(res.token_id, res.logprob, list(res.top_logprobs or []))]
+            if seq.prefill_only:
+                # Prefill role: the first token is all this engine produces. Its KV was
+                # copied out layer by layer during the forward pass, so the blocks can go
+                # back to the pool (they stay in the prefix cache). Stop rules and text
+                # are the decode worker's business.
+                self._finish(seq, FINISH_LENGTH)
+                outputs.append(self._output(seq, [res.token_id], "", lps))
+                continue
             stream = self.streams[seq.seq_id]
             text = stream.step(res.token_id)
             delta, finish = text.delta, text.finish_reason
             if finish is None and seq.num_tokens >= self.max_model_len:
                 tail = stream.finish_now("length")
                 delta, finish = delta + tail.delta, tail.finish_reason
-            lps = None
-            if res.logprob is not None:
-                lps = [TokenLogprob(res.token_id, res.logprob, list(res.top_logprobs or []))]
             if finish is not None:
                 seq.stop_reason = stream.stop_reason
                 self._finish(seq, finish)
-            elif seq.prefill_only:
-                # Prefill role: the first token is all this engine produces; the blocks
-                # stay with the sequence until the KV has been exported (release()).
-                seq.status = SeqStatus.PREFILLED
-                self.scheduler.running.remove(seq)
             outputs.append(self._output(seq, [res.token_id], delta, lps))
         return outputs
 
@@ -210,12 +213,6 @@ class LLMEngine:
         else:
             self.scheduler.add_running(seq)
         return self._output(seq, [first_token_id], delta, lps)
-
-    def release(self, request_id: str) -> None:
-        """Prefill role: the KV of a PREFILLED sequence has been exported; free it."""
-        seq = self.seqs.get(request_id)
-        if seq is not None:
-            self._finish(seq, seq.finish_reason or FINISH_LENGTH)
 
     def _output(self, seq: Sequence, new_ids: list[int], text: str,
                 lps: list[TokenLogprob] | None) -> RequestOutput:

@@ -14,7 +14,6 @@ class SeqStatus(enum.Enum):
     WAITING = "waiting"          # queued (new, or preempted for recompute)
     RESERVED = "reserved"        # decode role: blocks reserved, KV not yet complete
     RUNNING = "running"          # in the running batch
-    PREFILLED = "prefilled"      # prefill role: first token sampled, KV held for export
     FINISHED = "finished"
 
 
@@ -43,7 +42,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    prefill_only: bool = False         # prefill role: stop after the first token, keep KV
+    prefill_only: bool = False         # prefill role: finish after the first token
     generator: torch.Generator | None = None
     first_scheduled_time: float | None = None
     first_token_time: float | None = None

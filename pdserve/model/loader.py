@@ -54,7 +54,7 @@ def checkpoint_files(model_dir: Path) -> tuple[list[Path], dict[str, Path] | Non
                             "(only safetensors checkpoints are supported)")
 
 
-def _open(path: Path):  # -> safetensors handle (context manager)
+def _open(path: Path) -> safe_open:  # a context manager
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error type for a bad header
@@ -72,6 +72,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
         raise FileNotFoundError(f"{model_dir}: model directory does not exist")
     config = ModelConfig.from_dir(model_dir)
     files, where, ckpt = checkpoint_files(model_dir)
+    if config.sliding_window is not None and config.sliding_window < config.max_position_embeddings:
+        logger.warning("%s: sliding_window=%d is not implemented (full attention is used); "
+                       "outputs differ from the reference beyond %d tokens of context",
+                       model_dir, config.sliding_window, config.sliding_window)
     device = torch.device(device)
 
     with torch.device("meta"):

@@ -136,13 +136,15 @@ class Sampler:
 
     def __call__(self, logits: Tensor, rows: list[SamplingRow]) -> list[SampleResult]:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
-            raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}")
+            raise ValueError(f"logits must be [len(rows)={len(rows)}, V], "
+                             f"got {tuple(logits.shape)}")
         n, vocab = logits.shape
         dev = logits.device
         lp_rows = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         pen_rows = [i for i, r in enumerate(rows) if r.params.needs_penalties]
         mask_rows, mask_cols = self._min_tokens_mask(rows, vocab)
-        rand_rows = [i for i, r in enumerate(rows) if r.params.temperature >= _GREEDY_TEMPERATURE]
+        rand_rows = [i for i, r in enumerate(rows)
+                     if r.params.temperature >= _GREEDY_TEMPERATURE]
 
         if not (lp_rows or pen_rows or mask_rows or rand_rows):
             return [SampleResult(t, None, None) for t in logits.argmax(dim=-1).tolist()]
@@ -154,7 +156,9 @@ class Sampler:
             x[pen_rows] = apply_penalties(x[pen_rows], [rows[i] for i in pen_rows])
         if mask_rows:
             x = x.clone() if x is logits else x
-            x[torch.tensor(mask_rows, device=dev), torch.tensor(mask_cols, device=dev)] = float("-inf")
+            ri = torch.tensor(mask_rows, device=dev)                    # [k] int64
+            ci = torch.tensor(mask_cols, device=dev)                    # [k] int64
+            x[ri, ci] = float("-inf")
         tokens = x.argmax(dim=-1)                                       # [n] int64
         if rand_rows:
             tokens[rand_rows] = self._sample(x[rand_rows], [rows[i] for i in rand_rows])
@@ -204,7 +208,8 @@ class Sampler:
         n = tokens.shape[0]
         if raw_lp is None:
             return [SampleResult(t, None, None) for t in tokens.tolist()]
-        top_n = max(rows[i].params.logprobs or 0 for i in lp_rows)
+        vocab = raw_lp.shape[1]
+        top_n = min(vocab, max(rows[i].params.logprobs or 0 for i in lp_rows))
         sel = tokens[lp_rows].unsqueeze(1)                                   # [l, 1]
         sampled_lp = raw_lp.gather(1, sel).squeeze(1)                        # [l]
         top_v, top_i = raw_lp.topk(top_n, dim=-1)                            # [l, top_n] each
@@ -218,7 +223,7 @@ class Sampler:
         ti = packed[n + l + l * top_n:]
         results = [SampleResult(t, None, None) for t in tok_list]
         for j, i in enumerate(lp_rows):
-            want = rows[i].params.logprobs or 0
+            want = min(top_n, rows[i].params.logprobs or 0)
             base = j * top_n
             top = [(int(ti[base + c]), tv[base + c]) for c in range(want)]
             results[i] = SampleResult(tok_list[i], lp_list[j], top)

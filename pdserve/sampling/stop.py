@@ -95,6 +95,13 @@ class TextStream:
         hold = _held_back(self._text, self._emitted, self._stops)
         return StepText(self._take(len(self._text) - hold), None)
 
+    def finish_now(self, reason: FinishReason) -> StepText:
+        """End the sequence for a reason found outside the stream (the engine's context
+        length): flush the text held back for a possible stop string."""
+        if self.finished:
+            return StepText("", self.finish_reason)
+        return self._finish(reason, None)
+
     def _finish(self, reason: FinishReason, stop_reason: str | int | None) -> StepText:
         self.finish_reason = reason
         self.stop_reason = stop_reason

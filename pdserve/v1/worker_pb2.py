@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from pdserve.v1 import generation_pb2 as pdserve_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x1bpdserve/v1/generation.proto\"\x7f\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nattempt_id\x18\x02 \x01(\x04\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12\x10\n\x08lease_ms\x18\x05 \x01(\r\"\x81\x03\n\x0bReservation\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x1c\n\x14lease_expiry_unix_ms\x18\x06 \x01(\x03\x12\x13\n\x0b\x63ompat_hash\x18\x07 \x01(\x06\x12\x12\n\nattempt_id\x18\x08 \x01(\x04\x12\x11\n\ttransport\x18\t \x01(\t\x12\x12\n\nblock_size\x18\n \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x0b \x01(\r\x12\x46\n\x10transport_params\x18\x0c \x03(\x0b\x32,.pdserve.v1.Reservation.TransportParamsEntry\x1a\x36\n\x14TransportParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc5\x01\n\x0bPrefillTask\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nattempt_id\x18\x02 \x01(\x04\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12,\n\x0breservation\x18\x05 \x01(\x0b\x32\x17.pdserve.v1.Reservation\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x03\"\xe4\x02\n\x10\x43ompletionRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nattempt_id\x18\x02 \x01(\x04\x12\x16\n\x0ereservation_id\x18\x03 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\r\x12 \n\x13\x66irst_token_logprob\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x32\n\x12\x66irst_top_logprobs\x18\x06 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\r\x12\x13\n\x0bkv_checksum\x18\t \x01(\x07\x12\x12\n\nnum_chunks\x18\n \x01(\r\x12\x10\n\x08kv_bytes\x18\x0b \x01(\x04\x12\x19\n\x11prefill_worker_id\x18\x0c \x01(\tB\x16\n\x14_first_token_logprob\"d\n\x12ReleaseReservation\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x12\n\nattempt_id\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xd9\x01\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\x13\n\x0bnum_running\x18\x03 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\r\x12\x10\n\x08kv_usage\x18\x07 \x01(\x02\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x19\n\x11timestamp_unix_ms\x18\t \x01(\x03\"\xc3\x02\n\x0c\x44\x65\x63odeOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\nattempt_id\x18\x08 \x01(\x04\x12\x19\n\x11\x66irst_token_index\x18\t \x01(\r\x12\x1a\n\rstop_token_id\x18\n \x01(\rH\x00\x88\x01\x01\x12 \n\x05usage\x18\x0b \x01(\x0b\x32\x11.pdserve.v1.UsageB\x10\n\x0e_stop_token_id\"f\n\x11\x44\x65\x63odeOutputBatch\x12)\n\x07outputs\x18\x01 \x03(\x0b\x32\x18.pdserve.v1.DecodeOutput\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04*N\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02\x12\r\n\tROLE_BOTH\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x1bpdserve/v1/generation.proto\"\xda\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nattempt_id\x18\x02 \x01(\x04\x12\x19\n\x11num_prompt_tokens\x18\x03 \x01(\r\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12\x10\n\x08lease_ms\x18\x05 \x01(\r\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x11\n\trouter_id\x18\x07 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x08 \x01(\x03\"\x81\x03\n\x0bReservation\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x02 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\r\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x1c\n\x14lease_expiry_unix_ms\x18\x06 \x01(\x03\x12\x13\n\x0b\x63ompat_hash\x18\x07 \x01(\x06\x12\x12\n\nattempt_id\x18\x08 \x01(\x04\x12\x11\n\ttransport\x18\t \x01(\t\x12\x12\n\nblock_size\x18\n \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x0b \x01(\r\x12\x46\n\x10transport_params\x18\x0c \x03(\x0b\x32,.pdserve.v1.Reservation.TransportParamsEntry\x1a\x36\n\x14TransportParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc5\x01\n\x0bPrefillTask\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nattempt_id\x18\x02 \x01(\x04\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12,\n\x0breservation\x18\x05 \x01(\x0b\x32\x17.pdserve.v1.Reservation\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x03\"\xe4\x02\n\x10\x43ompletionRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nattempt_id\x18\x02 \x01(\x04\x12\x16\n\x0ereservation_id\x18\x03 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x04 \x01(\r\x12 \n\x13\x66irst_token_logprob\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x32\n\x12\x66irst_top_logprobs\x18\x06 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\x12\x19\n\x11num_prompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\r\x12\x13\n\x0bkv_checksum\x18\t \x01(\x07\x12\x12\n\nnum_chunks\x18\n \x01(\r\x12\x10\n\x08kv_bytes\x18\x0b \x01(\x04\x12\x19\n\x11prefill_worker_id\x18\x0c \x01(\tB\x16\n\x14_first_token_logprob\"d\n\x12ReleaseReservation\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x12\n\nattempt_id\x18\x03 \x01(\x04\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\xd9\x01\n\nWorkerLoad\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\x13\n\x0bnum_running\x18\x03 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\r\x12\x10\n\x08kv_usage\x18\x07 \x01(\x02\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x19\n\x11timestamp_unix_ms\x18\t \x01(\x03\"\xc3\x02\n\x0c\x44\x65\x63odeOutput\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x13\n\x0bstop_reason\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\nattempt_id\x18\x08 \x01(\x04\x12\x19\n\x11\x66irst_token_index\x18\t \x01(\r\x12\x1a\n\rstop_token_id\x18\n \x01(\rH\x00\x88\x01\x01\x12 \n\x05usage\x18\x0b \x01(\x0b\x32\x11.pdserve.v1.UsageB\x10\n\x0e_stop_token_id\"f\n\x11\x44\x65\x63odeOutputBatch\x12)\n\x07outputs\x18\x01 \x03(\x0b\x32\x18.pdserve.v1.DecodeOutput\x12\x18\n\x10\x64\x65\x63ode_worker_id\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\x04\"v\n\x0cReserveReply\x12,\n\x0breservation\x18\x01 \x01(\x0b\x32\x17.pdserve.v1.Reservation\x12)\n\x04\x63ode\x18\x02 \x01(\x0e\x32\x1b.pdserve.v1.WorkerErrorCode\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\xa9\x01\n\x0cPrefillReply\x12)\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1b.pdserve.v1.WorkerErrorCode\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12,\n\x06record\x18\x03 \x01(\x0b\x32\x1c.pdserve.v1.CompletionRecord\x12\x17\n\x0fprefill_seconds\x18\x04 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x05 \x01(\x01\"\xac\x01\n\rSubmitRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nattempt_id\x18\x02 \x01(\x04\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x11\n\trouter_id\x18\x05 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x06 \x01(\x03\"G\n\x0bSubmitReply\x12)\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1b.pdserve.v1.WorkerErrorCode\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\xed\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\x13\n\x0bkv_endpoint\x18\x03 \x01(\t\x12\x13\n\x0b\x63ompat_hash\x18\x04 \x01(\x06\x12\x12\n\nblock_size\x18\x05 \x01(\r\x12\x12\n\nnum_blocks\x18\x06 \x01(\r\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x12\n\nmodel_name\x18\x08 \x01(\t\x12\x0f\n\x07node_ip\x18\t \x01(\t\x12\x11\n\tdist_rank\x18\n \x01(\r\x12\x0b\n\x03pid\x18\x0b \x01(\r*N\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02\x12\r\n\tROLE_BOTH\x10\x03*\x86\x02\n\x0fWorkerErrorCode\x12\x1c\n\x18WORKER_ERROR_UNSPECIFIED\x10\x00\x12\x15\n\x11WORKER_ERROR_NONE\x10\x01\x12\x1c\n\x18WORKER_ERROR_NO_CAPACITY\x10\x02\x12\x18\n\x14WORKER_ERROR_INVALID\x10\x03\x12\x19\n\x15WORKER_ERROR_TRANSFER\x10\x04\x12\x1a\n\x16WORKER_ERROR_CANCELLED\x10\x05\x12\x19\n\x15WORKER_ERROR_DEADLINE\x10\x06\x12\x19\n\x15WORKER_ERROR_INTERNAL\x10\x07\x12\x19\n\x15WORKER_ERROR_DRAINING\x10\x08\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,24 +34,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RESERVATION_TRANSPORTPARAMSENTRY']._loaded_options = None
   _globals['_RESERVATION_TRANSPORTPARAMSENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=1896
-  _globals['_ROLE']._serialized_end=1974
-  _globals['_RESERVEREQUEST']._serialized_start=68
-  _globals['_RESERVEREQUEST']._serialized_end=195
-  _globals['_RESERVATION']._serialized_start=198
-  _globals['_RESERVATION']._serialized_end=583
-  _globals['_RESERVATION_TRANSPORTPARAMSENTRY']._serialized_start=529
-  _globals['_RESERVATION_TRANSPORTPARAMSENTRY']._serialized_end=583
-  _globals['_PREFILLTASK']._serialized_start=586
-  _globals['_PREFILLTASK']._serialized_end=783
-  _globals['_COMPLETIONRECORD']._serialized_start=786
-  _globals['_COMPLETIONRECORD']._serialized_end=1142
-  _globals['_RELEASERESERVATION']._serialized_start=1144
-  _globals['_RELEASERESERVATION']._serialized_end=1244
-  _globals['_WORKERLOAD']._serialized_start=1247
-  _globals['_WORKERLOAD']._serialized_end=1464
-  _globals['_DECODEOUTPUT']._serialized_start=1467
-  _globals['_DECODEOUTPUT']._serialized_end=1790
-  _globals['_DECODEOUTPUTBATCH']._serialized_start=1792
-  _globals['_DECODEOUTPUTBATCH']._serialized_end=1894
+  _globals['_ROLE']._serialized_start=2768
+  _globals['_ROLE']._serialized_end=2846
+  _globals['_WORKERERRORCODE']._serialized_start=2849
+  _globals['_WORKERERRORCODE']._serialized_end=3111
+  _globals['_RESERVEREQUEST']._serialized_start=69
+  _globals['_RESERVEREQUEST']._serialized_end=287
+  _globals['_RESERVATION']._serialized_start=290
+  _globals['_RESERVATION']._serialized_end=675
+  _globals['_RESERVATION_TRANSPORTPARAMSENTRY']._serialized_start=621
+  _globals['_RESERVATION_TRANSPORTPARAMSENTRY']._serialized_end=675
+  _globals['_PREFILLTASK']._serialized_start=678
+  _globals['_PREFILLTASK']._serialized_end=875
+  _globals['_COMPLETIONRECORD']._serialized_start=878
+  _globals['_COMPLETIONRECORD']._serialized_end=1234
+  _globals['_RELEASERESERVATION']._serialized_start=1236
+  _globals['_RELEASERESERVATION']._serialized_end=1336
+  _globals['_WORKERLOAD']._serialized_start=1339
+  _globals['_WORKERLOAD']._serialized_end=1556
+  _globals['_DECODEOUTPUT']._serialized_start=1559
+  _globals['_DECODEOUTPUT']._serialized_end=1882
+  _globals['_DECODEOUTPUTBATCH']._serialized_start=1884
+  _globals['_DECODEOUTPUTBATCH']._serialized_end=1986
+  _globals['_RESERVEREPLY']._serialized_start=1988
+  _globals['_RESERVEREPLY']._serialized_end=2106
+  _globals['_PREFILLREPLY']._serialized_start=2109
+  _globals['_PREFILLREPLY']._serialized_end=2278
+  _globals['_SUBMITREQUEST']._serialized_start=2281
+  _globals['_SUBMITREQUEST']._serialized_end=2453
+  _globals['_SUBMITREPLY']._serialized_start=2455
+  _globals['_SUBMITREPLY']._serialized_end=2526
+  _globals['_WORKERINFO']._serialized_start=2529
+  _globals['_WORKERINFO']._serialized_end=2766
 # @@protoc_insertion_point(module_scope)

@@ -14,24 +14,51 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_PREFILL: _ClassVar[Role]
     ROLE_DECODE: _ClassVar[Role]
     ROLE_BOTH: _ClassVar[Role]
+
+class WorkerErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WORKER_ERROR_UNSPECIFIED: _ClassVar[WorkerErrorCode]
+    WORKER_ERROR_NONE: _ClassVar[WorkerErrorCode]
+    WORKER_ERROR_NO_CAPACITY: _ClassVar[WorkerErrorCode]
+    WORKER_ERROR_INVALID: _ClassVar[WorkerErrorCode]
+    WORKER_ERROR_TRANSFER: _ClassVar[WorkerErrorCode]
+    WORKER_ERROR_CANCELLED: _ClassVar[WorkerErrorCode]
+    WORKER_ERROR_DEADLINE: _ClassVar[WorkerErrorCode]
+    WORKER_ERROR_INTERNAL: _ClassVar[WorkerErrorCode]
+    WORKER_ERROR_DRAINING: _ClassVar[WorkerErrorCode]
 ROLE_UNSPECIFIED: Role
 ROLE_PREFILL: Role
 ROLE_DECODE: Role
 ROLE_BOTH: Role
+WORKER_ERROR_UNSPECIFIED: WorkerErrorCode
+WORKER_ERROR_NONE: WorkerErrorCode
+WORKER_ERROR_NO_CAPACITY: WorkerErrorCode
+WORKER_ERROR_INVALID: WorkerErrorCode
+WORKER_ERROR_TRANSFER: WorkerErrorCode
+WORKER_ERROR_CANCELLED: WorkerErrorCode
+WORKER_ERROR_DEADLINE: WorkerErrorCode
+WORKER_ERROR_INTERNAL: WorkerErrorCode
+WORKER_ERROR_DRAINING: WorkerErrorCode
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("request_id", "attempt_id", "num_prompt_tokens", "prompt_token_ids", "lease_ms")
+    __slots__ = ("request_id", "attempt_id", "num_prompt_tokens", "prompt_token_ids", "lease_ms", "sampling", "router_id", "deadline_unix_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     attempt_id: int
     num_prompt_tokens: int
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     lease_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., attempt_id: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    sampling: _generation_pb2.SamplingParams
+    router_id: str
+    deadline_unix_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., attempt_id: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., lease_ms: _Optional[int] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., router_id: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
 
 class Reservation(_message.Message):
     __slots__ = ("reservation_id", "decode_worker_id", "endpoint", "block_ids", "num_tokens", "lease_expiry_unix_ms", "compat_hash", "attempt_id", "transport", "block_size", "num_cached_tokens", "transport_params")
@@ -181,3 +208,77 @@ class DecodeOutputBatch(_message.Message):
     decode_worker_id: str
     step: int
     def __init__(self, outputs: _Optional[_Iterable[_Union[DecodeOutput, _Mapping]]] = ..., decode_worker_id: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
+
+class ReserveReply(_message.Message):
+    __slots__ = ("reservation", "code", "error")
+    RESERVATION_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    reservation: Reservation
+    code: WorkerErrorCode
+    error: str
+    def __init__(self, reservation: _Optional[_Union[Reservation, _Mapping]] = ..., code: _Optional[_Union[WorkerErrorCode, str]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class PrefillReply(_message.Message):
+    __slots__ = ("code", "error", "record", "prefill_seconds", "transfer_seconds")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    code: WorkerErrorCode
+    error: str
+    record: CompletionRecord
+    prefill_seconds: float
+    transfer_seconds: float
+    def __init__(self, code: _Optional[_Union[WorkerErrorCode, str]] = ..., error: _Optional[str] = ..., record: _Optional[_Union[CompletionRecord, _Mapping]] = ..., prefill_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ...) -> None: ...
+
+class SubmitRequest(_message.Message):
+    __slots__ = ("request_id", "attempt_id", "prompt_token_ids", "sampling", "router_id", "deadline_unix_ms")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    attempt_id: int
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: _generation_pb2.SamplingParams
+    router_id: str
+    deadline_unix_ms: int
+    def __init__(self, request_id: _Optional[str] = ..., attempt_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., router_id: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+
+class SubmitReply(_message.Message):
+    __slots__ = ("code", "error")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    code: WorkerErrorCode
+    error: str
+    def __init__(self, code: _Optional[_Union[WorkerErrorCode, str]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class WorkerInfo(_message.Message):
+    __slots__ = ("worker_id", "role", "kv_endpoint", "compat_hash", "block_size", "num_blocks", "max_model_len", "model_name", "node_ip", "dist_rank", "pid")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    KV_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    COMPAT_HASH_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    NODE_IP_FIELD_NUMBER: _ClassVar[int]
+    DIST_RANK_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    role: Role
+    kv_endpoint: str
+    compat_hash: int
+    block_size: int
+    num_blocks: int
+    max_model_len: int
+    model_name: str
+    node_ip: str
+    dist_rank: int
+    pid: int
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., kv_endpoint: _Optional[str] = ..., compat_hash: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., model_name: _Optional[str] = ..., node_ip: _Optional[str] = ..., dist_rank: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...

@@ -10,10 +10,10 @@ from transformers import PreTrainedTokenizerFast
 
 from pdserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant:{% endif %}")
-TEXTS = ["hello world", "café crème brûlée", "日本語のテキスト 日本", "emoji 😀 and 🎉 party",
-         "the quick brown fox jumps"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|bos|>{{ m['role'] }}: {{ m['content'] }}\n"
+                 "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+TEXTS = ["hello world", "café crème brûlée", "日本語のテキスト 日本",
+         "emoji 😀 and 🎉 party", "the quick brown fox jumps"]
 SAMPLES = ["café 日本 😀", "🚀 rocket ünïcödé 日本語", "hello world", "a😀b🎉c 🚀🚀 é", "x"]
 
 
@@ -113,6 +113,18 @@ def test_split_character_is_held_back_until_complete(tok):
     assert deltas[0] == "a"
     assert all(d == "" for d in deltas[1:-1])
     assert deltas[-1] == "🚀"
+
+
+def test_tokens_straddling_characters_emit_each_completed_character(tok):
+    # This BPE merges bytes across character boundaries: every token of "のテキスト" but
+    # the last ends mid-character, so "hold the token until the text ends cleanly" would
+    # hold everything to the end. Completed characters must come out as they complete.
+    ids = tok.encode("のテキスト")
+    pieces = [tok.decode([i]) for i in ids]
+    assert sum(p.endswith("\ufffd") for p in pieces) >= 3
+    deltas = stream(tok, [], ids)
+    assert "".join(deltas) == "のテキスト"
+    assert sum(1 for d in deltas if d) >= 4
 
 
 def test_special_tokens_skipped_or_shown(tok):

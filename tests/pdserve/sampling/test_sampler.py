@@ -226,6 +226,12 @@ def test_logprobs_come_from_the_raw_distribution():
     assert res[2].logprob == pytest.approx(float(raw[2, res[2].token_id]), abs=1e-6)
 
 
+def test_logprobs_wider_than_vocab_are_capped():
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    res = Sampler([EOS])(logits, [row(logprobs=20, temperature=0.0)])[0]
+    assert res.token_id == 2 and [t for t, _ in res.top_logprobs] == [2, 1, 0]
+
+
 # -- min_tokens ----------------------------------------------------------------------------
 
 def test_min_tokens_masks_eos_and_stop_ids_until_reached():

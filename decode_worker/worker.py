@@ -1,0 +1,264 @@
+"""DecodeWorker: reserves blocks, receives KV, decodes with continuous batching.
+
+Also runs the colocated `both` role (submit(): the whole request here, no transfer).
+Run it as a Ray actor (see pdserve/cluster.py) or in-process for tests; every method
+the router calls takes and returns protobuf bytes.
+
+Request keys: the engine knows a request as "<request_id>/<attempt_id>", so a retried
+attempt never collides with the remains of the one it replaces, and outputs carry the
+attempt id so the router drops those of attempts it already ended.
+
+Thread model: the engine thread (AsyncEngine) owns the engine; the KV listener's gRPC
+threads write payloads into RESERVED blocks (which the engine never touches until the
+sequence is activated) and hand activation to the engine thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.llm_engine import LLMEngine, RequestOutput, TokenLogprob
+from pdserve.outputs import Outbox, to_decode_output
+from pdserve.protocol import sampling_params_from_proto
+from pdserve.v1 import kv_pb2, worker_pb2
+from pdserve.worker_spec import WorkerSpec
+from kv_transfer.layout import KVLayout
+from kv_transfer.receiver import KVReceiver
+from kv_transfer.reservations import ReservationEntry, ReservationTable
+
+logger = logging.getLogger(__name__)
+
+ROLE_PB = {"prefill": worker_pb2.ROLE_PREFILL, "decode": worker_pb2.ROLE_DECODE,
+           "both": worker_pb2.ROLE_BOTH}
+
+
+def node_ip() -> str:
+    try:
+        import ray
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:  # pragma: no cover - ray is a dependency
+        pass
+    return "127.0.0.1"
+
+
+class DecodeWorker:
+    def __init__(self, spec_json: str) -> None:
+        self.spec = WorkerSpec.from_json(spec_json)
+        self.engine = LLMEngine(self.spec.engine_config())
+        self.aengine: AsyncEngine | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.outboxes: dict[str, Outbox] = {}
+        self.routes: dict[str, tuple[str, str, int, int]] = {}  # key -> (router, rid, attempt, n_sent)
+        self.deadlines: dict[str, float] = {}                   # key -> unix seconds
+        mc = self.engine.model_config
+        self.layout = KVLayout(mc.num_hidden_layers, self.engine.block_size,
+                               mc.num_key_value_heads, mc.head_dim, self.engine.dtype)
+        self.compat_hash = self.layout.compat_hash(self.spec.model_name)
+        self.table = ReservationTable()
+        self.receiver = KVReceiver(self.engine.kv_caches, self.layout, self.compat_hash,
+                                   self.table, self._on_complete, self._on_failed)
+        self.kv_server = None
+        self.kv_endpoint = ""
+        self.dist_listener = None
+        self.draining = False
+        self._tasks: list[asyncio.Task] = []
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> bytes:
+        self.loop = asyncio.get_running_loop()
+        self.aengine = AsyncEngine(self.engine, on_fatal=self._fatal, sink=self._sink)
+        self.aengine.start()
+        host = self.spec.host or node_ip()
+        if self.spec.role != "both" or self.spec.transport != "local":
+            from kv_transfer.grpc_transport import serve_kv
+            self.kv_server, port = serve_kv(self.receiver, host, 0, self.spec.secret or None)
+            self.kv_endpoint = f"{host}:{port}"
+        if self.spec.transport == "nccl" and self.spec.dist.world_size > 0:
+            from kv_transfer import dist
+            dist.init_kv_group(self.spec.dist.backend, self.spec.dist.init_method,
+                               self.spec.dist.world_size, self.spec.dist.rank)
+            peers = [r for r in range(self.spec.dist.world_size) if r != self.spec.dist.rank]
+            self.dist_listener = dist.DistKVListener(self.receiver, peers, self.engine.device)
+        self._tasks.append(asyncio.create_task(self._reaper()))
+        return self.info().SerializeToString()
+
+    def info(self) -> worker_pb2.WorkerInfo:
+        return worker_pb2.WorkerInfo(
+            worker_id=self.spec.worker_id, role=ROLE_PB[self.spec.role],
+            kv_endpoint=self.kv_endpoint, compat_hash=self.compat_hash,
+            block_size=self.engine.block_size, num_blocks=self.engine.num_blocks,
+            max_model_len=self.engine.max_model_len, model_name=self.spec.model_name,
+            node_ip=self.spec.host or node_ip(), dist_rank=max(self.spec.dist.rank, 0),
+            pid=os.getpid())
+
+    def _fatal(self, e: BaseException) -> None:
+        # The step loop died: end this process so Ray restarts the actor. Open requests
+        # already got an error output (AsyncEngine does that before calling us).
+        logger.critical("decode worker %s: engine loop died (%s); exiting", self.spec.worker_id, e)
+        if self.loop is not None:
+            self.loop.call_later(0.5, os._exit, 1)
+
+    async def drain(self) -> None:
+        self.draining = True
+
+    # -- router API (bytes in, bytes out) -------------------------------------------------
+    async def reserve(self, data: bytes) -> bytes:
+        req = worker_pb2.ReserveRequest.FromString(data)
+        if self.draining:
+            return _reserve_error(worker_pb2.WORKER_ERROR_DRAINING, "worker is draining")
+        key = f"{req.request_id}/{req.attempt_id}"
+        try:
+            params = sampling_params_from_proto(req.sampling, 16)
+            prompt = list(req.prompt_token_ids)
+            assert self.aengine is not None
+            blocks = await self.aengine.call(lambda e: e.reserve(key, prompt, params))
+        except ValueError as e:
+            return _reserve_error(worker_pb2.WORKER_ERROR_INVALID, str(e))
+        if blocks is None:
+            return _reserve_error(worker_pb2.WORKER_ERROR_NO_CAPACITY, "no free KV blocks")
+        lease_s = req.lease_ms / 1000 if req.lease_ms else self.spec.lease_s
+        entry = self.table.create(request_id=req.request_id, attempt_id=req.attempt_id,
+                                  block_ids=tuple(blocks), num_tokens=len(prompt),
+                                  lease_s=lease_s)
+        self.routes[key] = (req.router_id, req.request_id, req.attempt_id, 0)
+        if req.deadline_unix_ms:
+            self.deadlines[key] = req.deadline_unix_ms / 1000
+        self.outboxes.setdefault(req.router_id, Outbox())
+        res = worker_pb2.Reservation(
+            reservation_id=entry.reservation_id, decode_worker_id=self.spec.worker_id,
+            endpoint=self.kv_endpoint, block_ids=blocks, num_tokens=len(prompt),
+            lease_expiry_unix_ms=int((time.time() + lease_s) * 1000),
+            compat_hash=self.compat_hash, attempt_id=req.attempt_id,
+            transport=self.spec.transport, block_size=self.engine.block_size)
+        if self.spec.dist.world_size > 0:
+            res.transport_params["rank"] = str(self.spec.dist.rank)
+        return worker_pb2.ReserveReply(reservation=res,
+                                       code=worker_pb2.WORKER_ERROR_NONE).SerializeToString()
+
+    async def submit(self, data: bytes) -> bytes:
+        """Colocated path: prefill and decode here."""
+        req = worker_pb2.SubmitRequest.FromString(data)
+        if self.draining:
+            return _submit_reply(worker_pb2.WORKER_ERROR_DRAINING, "worker is draining")
+        key = f"{req.request_id}/{req.attempt_id}"
+        try:
+            params = sampling_params_from_proto(req.sampling, 16)
+            assert self.aengine is not None
+            self.routes[key] = (req.router_id, req.request_id, req.attempt_id, 0)
+            self.outboxes.setdefault(req.router_id, Outbox())
+            if req.deadline_unix_ms:
+                self.deadlines[key] = req.deadline_unix_ms / 1000
+            self.aengine.add_request(key, list(req.prompt_token_ids), params)
+        except ValueError as e:
+            self.routes.pop(key, None)
+            return _submit_reply(worker_pb2.WORKER_ERROR_INVALID, str(e))
+        return _submit_reply(worker_pb2.WORKER_ERROR_NONE, "")
+
+    async def abort(self, request_id: str, attempt_id: int) -> None:
+        """End an attempt here (cancel, deadline, failed prefill): frees its blocks or
+        reservation; late KV for it is then rejected by the receiver."""
+        key = f"{request_id}/{attempt_id}"
+        for entry in self.table.entries_for(request_id, attempt_id):
+            self.table.fail(entry.reservation_id, "aborted by router")
+        if self.aengine is not None and key in self.routes:
+            self.aengine.abort(key)
+
+    async def poll(self, router_id: str, timeout_s: float = 1.0) -> bytes:
+        """Everything produced for this router's requests since its last poll (waits up
+        to timeout_s for something to arrive)."""
+        box = self.outboxes.setdefault(router_id, Outbox())
+        items = await box.take(timeout_s)
+        return worker_pb2.DecodeOutputBatch(outputs=items, decode_worker_id=self.spec.worker_id
+                                            ).SerializeToString()
+
+    async def load(self) -> bytes:
+        st = self.engine.stats()
+        return worker_pb2.WorkerLoad(
+            worker_id=self.spec.worker_id, role=ROLE_PB[self.spec.role],
+            num_running=int(st["num_running"]), num_waiting=int(st["num_waiting"]) + len(self.table),
+            kv_blocks_total=int(st["kv_blocks_total"]),
+            kv_blocks_free=int(st["kv_blocks_free"] + st["kv_blocks_cached"]),
+            kv_usage=float(st["kv_cache_usage"]), draining=self.draining,
+            timestamp_unix_ms=int(time.time() * 1000)).SerializeToString()
+
+    async def stats(self) -> dict:
+        """Plain numbers for tests and metrics: pool, queues, reservations."""
+        st = dict(self.engine.stats())
+        st["reservations"] = len(self.table)
+        st["requests"] = len(self.routes)
+        return st
+
+    # -- engine outputs -------------------------------------------------------------------
+    def _sink(self, out: RequestOutput) -> None:
+        route = self.routes.get(out.request_id)
+        if route is None:
+            return
+        router_id, rid, attempt, sent = route
+        msg = to_decode_output(out, rid, attempt, sent)
+        if out.finished:
+            del self.routes[out.request_id]
+            self.deadlines.pop(out.request_id, None)
+        else:
+            self.routes[out.request_id] = (router_id, rid, attempt, sent + len(out.new_token_ids))
+        self.outboxes.setdefault(router_id, Outbox()).put(msg)
+
+    # -- KV receiver callbacks (gRPC / listener threads) ----------------------------------
+    def _on_complete(self, entry: ReservationEntry,
+                     record: worker_pb2.CompletionRecord) -> kv_pb2.CompleteAck:
+        key = f"{entry.request_id}/{entry.attempt_id}"
+        first_lp = None
+        if record.HasField("first_token_logprob"):
+            first_lp = TokenLogprob(record.first_token_id, record.first_token_logprob,
+                                    [(t.token_id, t.logprob) for t in record.first_top_logprobs])
+        assert self.aengine is not None and self.loop is not None
+        aengine = self.aengine
+
+        def activate(e: LLMEngine) -> None:
+            aengine.publish([e.activate(key, record.first_token_id, first_lp)])
+        fut = asyncio.run_coroutine_threadsafe(aengine.call(activate), self.loop)
+        try:
+            fut.result(timeout=10)
+        except Exception as e:  # noqa: BLE001 - reported to P as the ack
+            return kv_pb2.CompleteAck(ok=False, code=kv_pb2.KV_STATUS_UNKNOWN_RESERVATION,
+                                      error=f"activation failed: {e}")
+        return kv_pb2.CompleteAck(ok=True, code=kv_pb2.KV_STATUS_OK)
+
+    def _on_failed(self, entry: ReservationEntry, code: int, message: str) -> None:
+        key = f"{entry.request_id}/{entry.attempt_id}"
+        logger.info("reservation %s for %s failed (%s): %s", entry.reservation_id, key,
+                    kv_pb2.KVStatus.Name(code), message)
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._drop_reserved, key)
+
+    def _drop_reserved(self, key: str) -> None:
+        # Free the reserved blocks without telling the router anything: the attempt
+        # failed, and the router hears it from the prefill side (or its own timeout).
+        self.routes.pop(key, None)
+        self.deadlines.pop(key, None)
+        if self.aengine is not None:
+            self.aengine.abort(key)
+
+    async def _reaper(self) -> None:
+        """Expire leases (reservations whose KV never completed) and deadlines."""
+        period = max(0.05, self.spec.lease_s / 6)
+        while True:
+            await asyncio.sleep(period)
+            for entry in self.table.expired(time.monotonic()):
+                self.table.fail(entry.reservation_id, "lease expired")
+            now = time.time()
+            for key, deadline in list(self.deadlines.items()):
+                if now > deadline and self.aengine is not None:
+                    self.deadlines.pop(key, None)
+                    self.aengine.abort(key)
+
+
+def _reserve_error(code: int, message: str) -> bytes:
+    return worker_pb2.ReserveReply(code=code, error=message).SerializeToString()
+
+
+def _submit_reply(code: int, message: str) -> bytes:
+    return worker_pb2.SubmitReply(code=code, error=message).SerializeToString()

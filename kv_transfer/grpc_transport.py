@@ -1,0 +1,282 @@
+"""The `grpc` transport: KVTransfer.Push (a client stream of byte chunks) and
+KVTransfer.Complete, between any two hosts.
+
+D side: serve_kv() runs a threaded (sync API) gRPC server beside the decode worker's
+asyncio loop; KVTransferServicer is a thin shell over KVReceiver.
+
+P side, one attempt:
+
+    send() ── encode (crc) ──▶ queue.Queue(maxsize=8) ──▶ gRPC's request-consumer thread
+                               │ full: send() blocks     ──▶ Push stream ──▶ D
+    finish(timeout) ── last chunk (num_chunks set), end marker, wait for the KVPushAck
+
+The bounded queue is the backpressure: when D writes slowly, P's send() waits instead of
+piling chunks up in memory (at most queue size x 4 MiB per attempt). A send blocked for
+longer than send_timeout_s cancels the call, so a stalled D can never hang P.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+from torch import Tensor
+
+from kv_transfer.base import (MAX_CHUNK_BYTES, KVSendHandle, KVTransport, SendSummary, TransferError,
+                              register)
+from kv_transfer.receiver import KVReceiver
+from kv_transfer.wire import SendLedger, encode_chunks, header_base, target_block_ids
+from pdserve.v1 import kv_pb2, kv_pb2_grpc, worker_pb2
+
+logger = logging.getLogger(__name__)
+
+SECRET_METADATA_KEY = "x-pdserve-secret"
+_HEADROOM = 64 * 1024
+
+
+def channel_options(max_chunk_bytes: int = MAX_CHUNK_BYTES) -> list[tuple[str, int]]:
+    """Both ends: a chunk is a payload of at most max_chunk_bytes plus a header (ids, block
+    ids, shape: a few KiB at most). gRPC's default 4 MiB receive limit would refuse a full
+    4 MiB chunk, so allow the chunk plus 64 KiB; no more, so that a peer cannot make the
+    other side buffer an arbitrarily large message."""
+    limit = max_chunk_bytes + _HEADROOM
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+
+
+# Server keepalive: a Push whose sender stalls (SIGSTOP, half-open TCP) would otherwise pin
+# one of D's few server threads until the sender's deadline. A ping unanswered for 5 s
+# closes the connection and ends the handler; 10 s between pings is negligible traffic.
+_SERVER_KEEPALIVE = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000)]
+
+
+def _code_of(e: grpc.RpcError) -> int:
+    code = e.code() if hasattr(e, "code") else None
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return kv_pb2.KV_STATUS_UNAUTHENTICATED
+    return kv_pb2.KV_STATUS_UNSPECIFIED
+
+
+def _describe(e: grpc.RpcError) -> str:
+    code = e.code() if hasattr(e, "code") else None
+    details = e.details() if hasattr(e, "details") else str(e)
+    return f"{code.name if code else 'RPC error'}: {details}"
+
+
+# --- D side ---------------------------------------------------------------------------
+
+class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
+    def __init__(self, receiver: KVReceiver, secret: str | None) -> None:
+        self._receiver = receiver
+        self._secret = secret.encode() if secret else None
+
+    def _authenticate(self, context: grpc.ServicerContext) -> None:
+        """Abort with UNAUTHENTICATED (raises) unless the call carries the secret."""
+        if self._secret is None:
+            return
+        given = b""
+        for key, value in context.invocation_metadata():
+            if key == SECRET_METADATA_KEY:
+                given = value if isinstance(value, bytes) else value.encode()
+        if not hmac.compare_digest(given, self._secret):  # constant time: no timing oracle
+            logger.warning("KV call from %s without a valid shared secret", context.peer())
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong x-pdserve-secret")
+
+    def Push(self, request_iterator: Iterator[kv_pb2.KVChunk],
+             context: grpc.ServicerContext) -> kv_pb2.KVPushAck:
+        self._authenticate(context)  # before reading any chunk
+        accepted, nbytes = 0, 0
+        for chunk in request_iterator:
+            code, message = self._receiver.receive(chunk.header, chunk.payload)
+            if code != kv_pb2.KV_STATUS_OK:
+                # stop reading: the attempt has failed; returning ends the stream
+                return kv_pb2.KVPushAck(accepted_chunks=accepted, accepted_bytes=nbytes,
+                                        error=message, code=code)
+            accepted += 1
+            nbytes += len(chunk.payload)
+        return kv_pb2.KVPushAck(accepted_chunks=accepted, accepted_bytes=nbytes, code=kv_pb2.KV_STATUS_OK)
+
+    def Complete(self, request: worker_pb2.CompletionRecord,
+                 context: grpc.ServicerContext) -> kv_pb2.CompleteAck:
+        self._authenticate(context)
+        return self._receiver.complete(request)
+
+
+def serve_kv(receiver: KVReceiver, host: str, port: int = 0, secret: str | None = None,
+             max_workers: int = 4, max_chunk_bytes: int = MAX_CHUNK_BYTES) -> tuple[grpc.Server, int]:
+    """Start D's KV listener on host:port (port 0: any free one); returns the started
+    server and the bound port. `host` is the node's internal address: binding all
+    interfaces happens only when a caller passes 0.0.0.0 / :: itself. Each open Push
+    holds one of the max_workers threads for its duration."""
+    if host in ("0.0.0.0", "::", "[::]"):
+        logger.warning("KV listener bound to all interfaces (%s) as configured", host)
+    if not secret:
+        logger.warning("KV listener on %s has no shared secret: any peer may push KV", host)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers, thread_name_prefix="pdserve-kv"),
+                         options=channel_options(max_chunk_bytes) + _SERVER_KEEPALIVE)
+    kv_pb2_grpc.add_KVTransferServicer_to_server(KVTransferServicer(receiver, secret), server)
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise RuntimeError(f"cannot bind the KV listener to {address}: {e}") from e
+    if bound == 0:
+        raise RuntimeError(f"cannot bind the KV listener to {address}")
+    server.start()
+    logger.info("KV listener on %s (port %d)", host, bound)
+    return server, bound
+
+
+# --- P side ---------------------------------------------------------------------------
+
+@register("grpc")
+class GrpcTransport(KVTransport):
+    """One channel per D endpoint, shared by all attempts to it (HTTP/2 multiplexes the
+    streams over one connection)."""
+    name = "grpc"
+
+    def __init__(self, secret: str | None = None, max_chunk_bytes: int = MAX_CHUNK_BYTES,
+                 queue_chunks: int = 8, stream_timeout_s: float = 60.0,
+                 send_timeout_s: float = 30.0) -> None:
+        if max_chunk_bytes < 1 or queue_chunks < 1:
+            raise ValueError("max_chunk_bytes and queue_chunks must be >= 1")
+        self.secret = secret
+        self.max_chunk_bytes = max_chunk_bytes
+        self.queue_chunks = queue_chunks
+        self.stream_timeout_s = stream_timeout_s   # gRPC deadline of one Push: D's handler
+                                                   # ends by then even if P vanishes
+        self.send_timeout_s = send_timeout_s       # longest a send() waits on a full queue
+        self._lock = threading.Lock()
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def _stub(self, endpoint: str) -> kv_pb2_grpc.KVTransferStub:
+        if not endpoint:
+            raise TransferError("reservation has no endpoint")
+        with self._lock:
+            channel = self._channels.get(endpoint)
+            if channel is None:
+                channel = grpc.insecure_channel(endpoint, options=channel_options(self.max_chunk_bytes))
+                self._channels[endpoint] = channel
+        return kv_pb2_grpc.KVTransferStub(channel)
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((SECRET_METADATA_KEY, self.secret),) if self.secret else ()
+
+    def open(self, reservation: worker_pb2.Reservation, request_id: str,
+             attempt_id: int) -> KVSendHandle:
+        return GrpcSendHandle(self, self._stub(reservation.endpoint), reservation, request_id, attempt_id)
+
+    def complete(self, reservation: worker_pb2.Reservation, record: worker_pb2.CompletionRecord,
+                 timeout: float) -> kv_pb2.CompleteAck:
+        stub = self._stub(reservation.endpoint)
+        try:
+            return stub.Complete(record, metadata=self.metadata(), timeout=timeout)
+        except grpc.RpcError as e:
+            raise TransferError(f"Complete to {reservation.endpoint}: {_describe(e)}", _code_of(e)) from e
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            channel.close()
+
+
+_END = object()  # queue marker: no more chunks
+
+
+class GrpcSendHandle(KVSendHandle):
+    def __init__(self, transport: GrpcTransport, stub: kv_pb2_grpc.KVTransferStub,
+                 reservation: worker_pb2.Reservation, request_id: str, attempt_id: int) -> None:
+        self._t = transport
+        self._base = header_base(reservation, request_id, attempt_id)
+        self._block_ids = target_block_ids(reservation)
+        self._ledger: SendLedger[kv_pb2.KVChunk] = SendLedger(lambda c: c.header)
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=transport.queue_chunks)
+        self._done = threading.Event()      # the call has ended (ack, error or cancel)
+        self._aborted = False
+        self._stalled = False
+        self._summary: SendSummary | None = None
+        self._call = stub.Push.future(self._requests(), metadata=transport.metadata(),
+                                      timeout=transport.stream_timeout_s)
+        self._call.add_done_callback(lambda _f: self._done.set())
+
+    def _requests(self) -> Iterator[kv_pb2.KVChunk]:
+        """Runs on gRPC's request-consumer thread. Polls so that it returns soon after
+        the call ends early (D refused a chunk, cancel), instead of blocking forever."""
+        while True:
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._done.is_set():
+                    return
+                continue
+            if item is _END:
+                return
+            yield item  # type: ignore[misc]
+
+    def _put(self, item: object, deadline: float) -> bool:
+        """Enqueue, blocking while the queue is full (backpressure); False if the call
+        has ended or the deadline passed (then the call is cancelled)."""
+        while not self._done.is_set():
+            try:
+                self._queue.put(item, timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+                return True
+            except queue.Full:
+                if time.monotonic() >= deadline:
+                    self._stalled = True
+                    self._call.cancel()
+                    return False
+        return False
+
+    @property
+    def queued(self) -> int:
+        """Chunks waiting for the wire (for metrics and tests)."""
+        return self._queue.qsize()
+
+    def send(self, layer_start: int, layer_end: int, kv: Tensor) -> None:
+        if self._summary is not None:
+            raise RuntimeError("send() after finish()")
+        if self._aborted or self._done.is_set():
+            return  # the call already ended; finish() reports why
+        chunks = encode_chunks(self._base, layer_start, layer_end, self._block_ids, kv,
+                               self._ledger.next_index, self._t.max_chunk_bytes)
+        deadline = time.monotonic() + self._t.send_timeout_s
+        for chunk in self._ledger.push(chunks):
+            if not self._put(chunk, deadline):
+                return
+
+    def finish(self, timeout: float) -> SendSummary:
+        if self._summary is not None:
+            return self._summary
+        if self._aborted:
+            raise TransferError("transfer aborted")
+        deadline = time.monotonic() + timeout
+        held = self._ledger.finish()
+        if held is None or self._put(held, deadline):
+            self._put(_END, deadline)
+        try:
+            ack = self._call.result(timeout=max(0.0, deadline - time.monotonic()))
+        except grpc.FutureTimeoutError:
+            self._call.cancel()
+            raise TransferError(f"no KVPushAck within {timeout:.1f}s") from None
+        except grpc.FutureCancelledError:
+            why = f"D did not drain chunks for {self._t.send_timeout_s:.1f}s" if self._stalled else "cancelled"
+            raise TransferError(f"Push {why}") from None
+        except grpc.RpcError as e:
+            raise TransferError(f"Push: {_describe(e)}", _code_of(e)) from e
+        if ack.code != kv_pb2.KV_STATUS_OK:
+            raise TransferError(f"D refused chunk {ack.accepted_chunks}: {ack.error}", ack.code)
+        if ack.accepted_chunks != self._ledger.next_index:
+            raise TransferError(f"D acknowledged {ack.accepted_chunks} of {self._ledger.next_index} "
+                                "chunks", kv_pb2.KV_STATUS_CORRUPT)
+        self._summary = self._ledger.summary()
+        return self._summary
+
+    def abort(self) -> None:
+        if not self._aborted:
+            self._aborted = True
+            self._call.cancel()

@@ -1,0 +1,226 @@
+"""PrefillWorker: batched, chunked prefill with a prefix cache; pushes each request's KV
+into the decode worker's reserved blocks while later layers still compute.
+
+One request (one attempt):
+
+    prefill(task) ─ open a send handle to D (task.reservation)
+                  ─ engine.add_request(prefill_only)           ┐ engine thread
+                      step: layer l writes K/V → hook gathers   │ (batched with
+                      the request's blocks of layer l → send()  │  other prompts)
+                      first token sampled, P's blocks freed     ┘
+                  ─ handle.finish()  (all chunks acknowledged by D)
+                  ─ transport.complete(CompletionRecord)  → D starts decoding
+                  ─ PrefillReply to the router
+
+Any failure (transfer error, timeout, cancel, deadline) ends the attempt with a
+PrefillReply code; the router decides whether to retry on another prefill worker.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+import google_crc32c  # noqa: F401 - imported for its side effect of failing early if absent
+
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.llm_engine import LLMEngine, RequestOutput
+from pdserve.engine.sequence import Sequence
+from pdserve.protocol import sampling_params_from_proto
+from pdserve.v1 import generation_pb2, kv_pb2, worker_pb2
+from pdserve.worker_spec import WorkerSpec
+from kv_transfer.base import KVSendHandle, TRANSPORTS, TransferError
+from kv_transfer.layout import KVLayout, gather_blocks
+
+logger = logging.getLogger(__name__)
+
+
+class PrefillWorker:
+    def __init__(self, spec_json: str) -> None:
+        self.spec = WorkerSpec.from_json(spec_json)
+        self.engine = LLMEngine(self.spec.engine_config())
+        mc = self.engine.model_config
+        self.layout = KVLayout(mc.num_hidden_layers, self.engine.block_size,
+                               mc.num_key_value_heads, mc.head_dim, self.engine.dtype)
+        self.compat_hash = self.layout.compat_hash(self.spec.model_name)
+        self.aengine: AsyncEngine | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.transport = None
+        # key -> (send handle, number of prompt blocks); read by the engine thread's hook
+        self.exports: dict[str, tuple[KVSendHandle, int]] = {}
+        self.first: dict[str, asyncio.Future] = {}
+        self.draining = False
+        self.engine.runner.set_layer_hook(self._on_layer)
+
+    async def start(self, local_receivers: dict | None = None) -> bytes:
+        self.loop = asyncio.get_running_loop()
+        self.aengine = AsyncEngine(self.engine, on_fatal=self._fatal, sink=self._sink)
+        self.aengine.start()
+        self.transport = self._make_transport(local_receivers)
+        return worker_pb2.WorkerInfo(
+            worker_id=self.spec.worker_id, role=worker_pb2.ROLE_PREFILL,
+            compat_hash=self.compat_hash, block_size=self.engine.block_size,
+            num_blocks=self.engine.num_blocks, max_model_len=self.engine.max_model_len,
+            model_name=self.spec.model_name, dist_rank=max(self.spec.dist.rank, 0),
+            pid=os.getpid()).SerializeToString()
+
+    def _make_transport(self, local_receivers: dict | None):
+        name = self.spec.transport
+        if name == "local":
+            from kv_transfer.local import LocalTransport
+            t = LocalTransport()
+            for endpoint, receiver in (local_receivers or {}).items():
+                t.bind(endpoint, receiver)
+            return t
+        if name == "grpc":
+            from kv_transfer.grpc_transport import GrpcTransport
+            return GrpcTransport(secret=self.spec.secret or None)
+        if name == "nccl":
+            from kv_transfer import dist
+            from kv_transfer.grpc_transport import GrpcTransport
+            d = self.spec.dist
+            dist.init_kv_group(d.backend, d.init_method, d.world_size, d.rank)
+            return dist.DistTransport(control=GrpcTransport(secret=self.spec.secret or None))
+        if name == "ipc":
+            from kv_transfer.ipc import IpcTransport
+            from kv_transfer.grpc_transport import GrpcTransport
+            return IpcTransport(control=GrpcTransport(secret=self.spec.secret or None))
+        raise ValueError(f"unknown transport {name!r}; known: {sorted(TRANSPORTS)}")
+
+    def _fatal(self, e: BaseException) -> None:
+        logger.critical("prefill worker %s: engine loop died (%s); exiting", self.spec.worker_id, e)
+        if self.loop is not None:
+            self.loop.call_later(0.5, os._exit, 1)
+
+    async def drain(self) -> None:
+        self.draining = True
+
+    # -- engine thread --------------------------------------------------------------------
+    def _on_layer(self, layer: int, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            exp = self.exports.get(seq.seq_id)
+            if exp is None:
+                continue
+            handle, nblocks = exp
+            blocks = self.engine.kv.block_table(seq.seq_id)[:nblocks]
+            try:
+                handle.send(layer, layer + 1,
+                            gather_blocks(self.engine.kv_caches, layer, layer + 1, blocks))
+            except TransferError as e:
+                # The attempt failed (D rejected a chunk, or it was aborted): finish()
+                # reports it; the engine keeps going for everyone else.
+                logger.debug("send for %s failed at layer %d: %s", seq.seq_id, layer, e)
+
+    def _sink(self, out: RequestOutput) -> None:
+        fut = self.first.get(out.request_id)
+        if fut is not None and not fut.done():
+            fut.set_result(out)
+
+    # -- router API -----------------------------------------------------------------------
+    async def prefill(self, data: bytes) -> bytes:
+        task = worker_pb2.PrefillTask.FromString(data)
+        if self.draining:
+            return _reply(worker_pb2.WORKER_ERROR_DRAINING, "worker is draining")
+        key = f"{task.request_id}/{task.attempt_id}"
+        res = task.reservation
+        prompt = list(task.prompt_token_ids)
+        t0 = time.monotonic()
+        try:
+            params = sampling_params_from_proto(task.sampling, 16)
+        except ValueError as e:
+            return _reply(worker_pb2.WORKER_ERROR_INVALID, str(e))
+        if res.compat_hash != self.compat_hash:
+            return _reply(worker_pb2.WORKER_ERROR_TRANSFER,
+                          "decode worker's KV layout is incompatible with this prefill worker")
+        nblocks = -(-len(prompt) // self.engine.block_size)
+        if len(res.block_ids) != nblocks:
+            return _reply(worker_pb2.WORKER_ERROR_INVALID,
+                          f"reservation has {len(res.block_ids)} blocks, prompt needs {nblocks}")
+        assert self.aengine is not None and self.transport is not None
+        try:
+            handle = self.transport.open(res, task.request_id, task.attempt_id)
+        except TransferError as e:
+            return _reply(worker_pb2.WORKER_ERROR_TRANSFER, f"cannot reach decode worker: {e}")
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.first[key] = fut
+        self.exports[key] = (handle, nblocks)
+        try:
+            try:
+                self.aengine.add_request(key, prompt, params, prefill_only=True)
+            except ValueError as e:
+                handle.abort()
+                return _reply(worker_pb2.WORKER_ERROR_INVALID, str(e))
+            timeout = self._remaining(task, self.spec.transfer_timeout_s * 4)
+            try:
+                out: RequestOutput = await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except asyncio.TimeoutError:
+                self.aengine.abort(key)
+                handle.abort()
+                return _reply(worker_pb2.WORKER_ERROR_DEADLINE, "prefill did not finish in time")
+            if out.finish_reason in ("abort", "error") or not out.new_token_ids:
+                handle.abort()
+                code = (worker_pb2.WORKER_ERROR_CANCELLED if out.finish_reason == "abort"
+                        else worker_pb2.WORKER_ERROR_INTERNAL)
+                return _reply(code, out.error or f"prefill ended: {out.finish_reason}")
+            t1 = time.monotonic()
+            tmo = self._remaining(task, self.spec.transfer_timeout_s)
+            try:
+                summary = await asyncio.to_thread(handle.finish, tmo)
+                record = worker_pb2.CompletionRecord(
+                    request_id=task.request_id, attempt_id=task.attempt_id,
+                    reservation_id=res.reservation_id, first_token_id=out.new_token_ids[0],
+                    num_prompt_tokens=len(prompt), num_cached_tokens=out.num_cached_tokens,
+                    kv_checksum=summary.checksum, num_chunks=summary.num_chunks,
+                    kv_bytes=summary.num_bytes, prefill_worker_id=self.spec.worker_id)
+                if out.new_logprobs:
+                    lp = out.new_logprobs[0]
+                    record.first_token_logprob = lp.logprob
+                    record.first_top_logprobs.extend(
+                        generation_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top)
+                ack = await asyncio.to_thread(self.transport.complete, res, record, tmo)
+            except TransferError as e:
+                return _reply(worker_pb2.WORKER_ERROR_TRANSFER, f"KV transfer failed: {e}")
+            if not ack.ok:
+                return _reply(worker_pb2.WORKER_ERROR_TRANSFER,
+                              f"decode worker refused the KV: {kv_pb2.KVStatus.Name(ack.code)} "
+                              f"{ack.error}")
+            return worker_pb2.PrefillReply(
+                code=worker_pb2.WORKER_ERROR_NONE, record=record, prefill_seconds=t1 - t0,
+                transfer_seconds=time.monotonic() - t1).SerializeToString()
+        finally:
+            self.first.pop(key, None)
+            self.exports.pop(key, None)
+
+    async def abort(self, request_id: str, attempt_id: int) -> None:
+        key = f"{request_id}/{attempt_id}"
+        exp = self.exports.get(key)
+        if exp is not None:
+            exp[0].abort()
+        if self.aengine is not None:
+            self.aengine.abort(key)
+
+    async def load(self) -> bytes:
+        st = self.engine.stats()
+        return worker_pb2.WorkerLoad(
+            worker_id=self.spec.worker_id, role=worker_pb2.ROLE_PREFILL,
+            num_running=int(st["num_running"]), num_waiting=int(st["num_waiting"]),
+            kv_blocks_total=int(st["kv_blocks_total"]),
+            kv_blocks_free=int(st["kv_blocks_free"] + st["kv_blocks_cached"]),
+            kv_usage=float(st["kv_cache_usage"]), draining=self.draining,
+            timestamp_unix_ms=int(time.time() * 1000)).SerializeToString()
+
+    async def stats(self) -> dict:
+        st = dict(self.engine.stats())
+        st["exports"] = len(self.exports)
+        return st
+
+    @staticmethod
+    def _remaining(task: worker_pb2.PrefillTask, default: float) -> float:
+        if task.deadline_unix_ms:
+            return max(0.01, min(default, task.deadline_unix_ms / 1000 - time.time()))
+        return default
+
+
+def _reply(code: int, message: str) -> bytes:
+    return worker_pb2.PrefillReply(code=code, error=message).SerializeToString()

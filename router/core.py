@@ -1,0 +1,437 @@
+"""Router: owns every request from admission to its one terminal outcome.
+
+How a request flows (disaggregated; see DESIGN "Request lifecycle"):
+
+    admit (ledger; Overloaded → 429 / RESOURCE_EXHAUSTED before any stream starts)
+    for attempt in 1..1+max_retries:
+        D = decode policy (kv_free)          → D.reserve(prompt, sampling) → Reservation
+        P = prefill policy (prefix_aware...) → P.prefill(task with Reservation)
+              P computes, streams KV into D's blocks, sends the completion record;
+              D starts decoding; its outputs reach us through D.poll() (one call per
+              poll for all our requests on D), tagged with the attempt id
+        failure before any token reached the client → abort both sides, try another P
+        failure after a token → the request ends with an error
+    stream D's outputs until the terminal one; deadline and client cancellation abort
+    the current attempt on both workers.
+
+Colocated mode, prompts under --disagg-threshold tokens, and the case of no healthy
+prefill worker use D.submit() instead: the whole request on one decode worker.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from pdserve.engine.llm_engine import TokenLogprob
+from pdserve.llm import Usage
+from pdserve.outputs import logprobs_from_proto
+from pdserve.protocol import finish_reason_from_proto, sampling_params_to_proto
+from pdserve.sampling.params import SamplingParams
+from pdserve.v1 import worker_pb2
+from router.clients import DecodeClient, PrefillClient, WorkerDied
+from router.ledger import Ledger, Overloaded, Record
+from router.policies import WorkerView, make_decode_policy, make_prefill_policy
+
+logger = logging.getLogger(__name__)
+
+RETRIABLE = {worker_pb2.WORKER_ERROR_TRANSFER, worker_pb2.WORKER_ERROR_INTERNAL,
+             worker_pb2.WORKER_ERROR_DRAINING, worker_pb2.WORKER_ERROR_NO_CAPACITY}
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model_name: str = "pdserve"
+    mode: str = "disaggregated"          # disaggregated | colocated
+    prefill_policy: str = "prefix_aware"
+    decode_policy: str = "kv_free"
+    disagg_threshold: int = 0            # prompts shorter than this skip the transfer
+    max_inflight: int = 64               # admission limit
+    max_retries: int = 1                 # re-prefills on another P, only before any token
+    lease_ms: int = 30_000
+    reserve_wait_s: float = 5.0          # how long to wait for KV blocks on some D
+    load_interval_s: float = 0.25
+    block_size: int = 16
+    max_model_len: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("disaggregated", "colocated"):
+            raise ValueError(f"mode must be disaggregated or colocated, got {self.mode!r}")
+        if self.max_inflight < 1:
+            raise ValueError("max_inflight must be >= 1")
+
+
+@dataclass
+class GenerateInput:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    client_label: str = ""
+    deadline: float | None = None        # unix seconds
+
+
+@dataclass
+class Delta:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    usage: Usage | None = None
+
+
+class RequestFailed(RuntimeError):
+    """The request ended with an error. kind: invalid | unavailable | deadline |
+    exhausted | internal (front ends map it to a status code)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class _Worker:
+    view: WorkerView
+    client: PrefillClient | DecodeClient
+    info: worker_pb2.WorkerInfo | None = None
+
+
+@dataclass
+class _State:
+    rec: Record
+    attempt: int = 0
+    decode_id: str = ""
+    prefill_id: str = ""
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    tokens_sent: int = 0
+    cached_tokens: int | None = None
+    finished: bool = False
+
+
+class _DecodeLost(Exception):
+    pass
+
+
+class Router:
+    def __init__(self, config: RouterConfig, prefill: dict[str, PrefillClient],
+                 decode: dict[str, DecodeClient]) -> None:
+        if not decode:
+            raise ValueError("at least one decode worker is required")
+        self.config = config
+        self.router_id = "router-" + secrets.token_hex(4)
+        self.prefill = {k: _Worker(WorkerView(k), c) for k, c in prefill.items()}
+        self.decode = {k: _Worker(WorkerView(k), c) for k, c in decode.items()}
+        self.prefill_policy = make_prefill_policy(config.prefill_policy, config.block_size)
+        self.decode_policy = make_decode_policy(config.decode_policy)
+        self.ledger = Ledger(config.max_inflight)
+        self.states: dict[str, _State] = {}
+        self._attempts = 0
+        self._tasks: list[asyncio.Task] = []
+        self.events: dict[str, int] = {"retries": 0, "decode_lost": 0, "transfer_failures": 0,
+                                       "colocated": 0, "disaggregated": 0}
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        for w in [*self.prefill.values(), *self.decode.values()]:
+            w.info = worker_pb2.WorkerInfo.FromString(await w.client.start())
+        for wid in self.decode:
+            self._tasks.append(asyncio.create_task(self._poller(wid)))
+        self._tasks.append(asyncio.create_task(self._load_loop()))
+        await self._refresh_loads()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- the request path -----------------------------------------------------------------
+    async def generate(self, inp: GenerateInput) -> AsyncIterator[Delta]:
+        rec = self.ledger.admit(len(inp.prompt_token_ids), inp.client_label)
+        state = _State(rec)
+        self.states[rec.request_id] = state
+        outcome, reason = "error", "internal error"
+        try:
+            async for delta in self._run(state, inp):
+                yield delta
+            outcome, reason = "completed", ""
+        except RequestFailed as e:
+            outcome, reason = "error", f"{e.kind}: {e}"
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome, reason = "cancelled", "client cancelled"
+            raise
+        finally:
+            if not state.finished:
+                self._abort_attempt(state)
+            self.ledger.finish(rec, outcome, reason)
+            self.states.pop(rec.request_id, None)
+
+    async def _run(self, state: _State, inp: GenerateInput) -> AsyncIterator[Delta]:
+        tried_p: set[str] = set()
+        tried_d: set[str] = set()
+        max_attempts = 1 + self.config.max_retries
+        for attempt in range(1, max_attempts + 1):
+            self._attempts += 1
+            state.attempt = self._attempts          # globally unique per router
+            state.queue = asyncio.Queue()
+            state.rec.attempts = attempt
+            try:
+                await self._dispatch(state, inp, tried_p, tried_d)
+                async for delta in self._stream(state, inp):
+                    yield delta
+                return
+            except _Retry as r:
+                self._abort_attempt(state)
+                if state.tokens_sent or attempt == max_attempts:
+                    raise RequestFailed(r.kind, str(r)) from None
+                self.events["retries"] += 1
+                logger.info("%s: attempt %d failed (%s); retrying", state.rec.request_id,
+                            attempt, r)
+
+    async def _dispatch(self, state: _State, inp: GenerateInput, tried_p: set[str],
+                        tried_d: set[str]) -> None:
+        rid = state.rec.request_id
+        sampling = sampling_params_to_proto(inp.params)
+        deadline_ms = int(inp.deadline * 1000) if inp.deadline else 0
+        prefill = [w for k, w in self.prefill.items() if w.view.healthy and k not in tried_p]
+        colocated = (self.config.mode == "colocated" or not prefill
+                     or len(inp.prompt_token_ids) < self.config.disagg_threshold)
+        d = await self._reserve_or_submit(state, inp, sampling, deadline_ms, colocated, tried_d)
+        if colocated:
+            self.events["colocated"] += 1
+            return
+        self.events["disaggregated"] += 1
+        res = d  # the Reservation
+        p = self.prefill_policy.pick([w.view for w in prefill], inp.prompt_token_ids)
+        pw = self.prefill[p.worker_id]
+        state.prefill_id = p.worker_id
+        task = worker_pb2.PrefillTask(request_id=rid, attempt_id=state.attempt,
+                                      prompt_token_ids=inp.prompt_token_ids, sampling=sampling,
+                                      reservation=res, deadline_unix_ms=deadline_ms)
+        pw.view.inflight += 1
+        try:
+            reply = worker_pb2.PrefillReply.FromString(
+                await self._with_deadline(pw.client.prefill(task.SerializeToString()), inp))
+        except WorkerDied as e:
+            pw.view.healthy = False
+            tried_p.add(p.worker_id)
+            self.events["transfer_failures"] += 1
+            raise _Retry("unavailable", f"prefill worker {p.worker_id} died: {e}") from None
+        finally:
+            pw.view.inflight -= 1
+        if reply.code != worker_pb2.WORKER_ERROR_NONE:
+            tried_p.add(p.worker_id)
+            if reply.code == worker_pb2.WORKER_ERROR_INVALID:
+                raise RequestFailed("invalid", reply.error)
+            if reply.code == worker_pb2.WORKER_ERROR_DEADLINE:
+                raise RequestFailed("deadline", reply.error)
+            self.events["transfer_failures"] += 1
+            raise _Retry("unavailable", reply.error or "prefill failed")
+        state.cached_tokens = reply.record.num_cached_tokens
+
+    async def _reserve_or_submit(self, state: _State, inp: GenerateInput, sampling,
+                                 deadline_ms: int, colocated: bool, tried_d: set[str]):
+        rid = state.rec.request_id
+        give_up = time.monotonic() + self.config.reserve_wait_s
+        while True:
+            decode = [w for k, w in self.decode.items() if w.view.healthy and k not in tried_d]
+            if not decode:
+                decode = [w for w in self.decode.values() if w.view.healthy]
+            if not decode:
+                raise _Retry("unavailable", "no healthy decode worker")
+            v = self.decode_policy.pick([w.view for w in decode], inp.prompt_token_ids)
+            dw = self.decode[v.worker_id]
+            state.decode_id = v.worker_id
+            try:
+                if colocated:
+                    req = worker_pb2.SubmitRequest(
+                        request_id=rid, attempt_id=state.attempt,
+                        prompt_token_ids=inp.prompt_token_ids, sampling=sampling,
+                        router_id=self.router_id, deadline_unix_ms=deadline_ms)
+                    rep = worker_pb2.SubmitReply.FromString(
+                        await dw.client.submit(req.SerializeToString()))
+                    code, err, result = rep.code, rep.error, None
+                else:
+                    req = worker_pb2.ReserveRequest(
+                        request_id=rid, attempt_id=state.attempt,
+                        num_prompt_tokens=len(inp.prompt_token_ids),
+                        prompt_token_ids=inp.prompt_token_ids, lease_ms=self.config.lease_ms,
+                        sampling=sampling, router_id=self.router_id,
+                        deadline_unix_ms=deadline_ms)
+                    rep2 = worker_pb2.ReserveReply.FromString(
+                        await dw.client.reserve(req.SerializeToString()))
+                    code, err, result = rep2.code, rep2.error, rep2.reservation
+            except WorkerDied as e:
+                dw.view.healthy = False
+                tried_d.add(v.worker_id)
+                continue_msg = f"decode worker {v.worker_id} died: {e}"
+                logger.warning(continue_msg)
+                continue
+            if code == worker_pb2.WORKER_ERROR_NONE:
+                dw.view.inflight += 1
+                if result is not None:
+                    dw.view.kv_blocks_free -= len(result.block_ids)
+                return result
+            if code == worker_pb2.WORKER_ERROR_INVALID:
+                raise RequestFailed("invalid", err)
+            # No capacity / draining: try again shortly (another D may free blocks).
+            if time.monotonic() > give_up:
+                raise RequestFailed("exhausted", f"no decode capacity: {err}")
+            await asyncio.sleep(0.05)
+            await self._refresh_loads()
+
+    async def _stream(self, state: _State, inp: GenerateInput) -> AsyncIterator[Delta]:
+        rid = state.rec.request_id
+        while True:
+            try:
+                item = await self._with_deadline(state.queue.get(), inp)
+            except RequestFailed:
+                raise
+            if isinstance(item, _DecodeLost):
+                self.events["decode_lost"] += 1
+                if state.tokens_sent == 0:
+                    raise _Retry("unavailable", str(item))
+                raise RequestFailed("unavailable", str(item))
+            out: worker_pb2.DecodeOutput = item
+            new_ids = list(out.token_ids)
+            # Drop anything already delivered (a duplicate or replayed output).
+            skip = max(0, state.tokens_sent - out.first_token_index)
+            new_ids = new_ids[skip:]
+            lps = logprobs_from_proto(out.logprobs)[skip:] if out.logprobs else None
+            finish = finish_reason_from_proto(out.finish_reason)
+            if finish == "error":
+                if state.tokens_sent == 0:
+                    raise _Retry("internal", out.error or "decode failed")
+                raise RequestFailed("internal", out.error or "decode failed")
+            if finish == "abort":
+                raise RequestFailed("deadline" if inp.deadline and time.time() >= inp.deadline
+                                    else "internal", out.error or "request aborted by worker")
+            state.tokens_sent += len(new_ids)
+            if new_ids and state.rec.first_token_at is None:
+                state.rec.first_token_at = time.monotonic()
+            usage = None
+            if finish is not None:
+                state.finished = True
+                cached = (state.cached_tokens if state.cached_tokens is not None
+                          else out.usage.cached_tokens)
+                usage = Usage(out.usage.prompt_tokens, out.usage.completion_tokens, cached)
+                self._release_inflight(state)
+            stop_reason: str | int | None = out.stop_reason or None
+            if out.HasField("stop_token_id"):
+                stop_reason = out.stop_token_id
+            yield Delta(rid, new_ids, out.text, lps, finish, stop_reason, usage)
+            if finish is not None:
+                return
+
+    async def _with_deadline(self, aw, inp: GenerateInput):
+        if inp.deadline is None:
+            return await aw
+        left = inp.deadline - time.time()
+        try:
+            return await asyncio.wait_for(aw, max(0.0, left))
+        except asyncio.TimeoutError:
+            raise RequestFailed("deadline", "deadline exceeded") from None
+
+    def _abort_attempt(self, state: _State) -> None:
+        """Fire-and-forget aborts on both workers of the current attempt."""
+        rid, attempt = state.rec.request_id, state.attempt
+        for table, wid in ((self.decode, state.decode_id), (self.prefill, state.prefill_id)):
+            w = table.get(wid)
+            if w is not None and attempt:
+                t = asyncio.ensure_future(_quiet(w.client.abort(rid, attempt)))
+                self._tasks.append(t)
+                t.add_done_callback(self._forget)
+        self._release_inflight(state)
+        state.decode_id = state.prefill_id = ""
+
+    def _forget(self, t: asyncio.Task) -> None:
+        try:
+            self._tasks.remove(t)
+        except ValueError:
+            pass
+
+    def _release_inflight(self, state: _State) -> None:
+        w = self.decode.get(state.decode_id)
+        if w is not None and w.view.inflight > 0:
+            w.view.inflight -= 1
+
+    # -- background -----------------------------------------------------------------------
+    async def _poller(self, wid: str) -> None:
+        """Long-polls one decode worker for this router's outputs; detects its death."""
+        w = self.decode[wid]
+        while True:
+            try:
+                batch = worker_pb2.DecodeOutputBatch.FromString(
+                    await w.client.poll(self.router_id, 1.0))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure means: worker lost
+                await self._decode_lost(wid, e)
+                continue
+            for out in batch.outputs:
+                st = self.states.get(out.request_id)
+                if st is not None and st.attempt == out.attempt_id and st.decode_id == wid:
+                    st.queue.put_nowait(out)
+
+    async def _decode_lost(self, wid: str, err: BaseException) -> None:
+        w = self.decode[wid]
+        w.view.healthy = False
+        logger.warning("decode worker %s lost: %s", wid, err)
+        for st in list(self.states.values()):
+            if st.decode_id == wid and not st.finished:
+                st.queue.put_nowait(_DecodeLost(f"decode worker {wid} lost"))
+        # Wait for Ray to restart it, then re-attach (start() is idempotent).
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                w.info = worker_pb2.WorkerInfo.FromString(await w.client.start())
+                w.view.healthy = True
+                logger.info("decode worker %s is back", wid)
+                return
+            except Exception:  # noqa: BLE001
+                continue
+
+    async def _load_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.load_interval_s)
+            await self._refresh_loads()
+
+    async def _refresh_loads(self) -> None:
+        async def one(w: _Worker, is_prefill: bool) -> None:
+            try:
+                ld = worker_pb2.WorkerLoad.FromString(await asyncio.wait_for(w.client.load(), 2.0))
+            except Exception:  # noqa: BLE001
+                if is_prefill:
+                    w.view.healthy = False
+                return
+            if is_prefill and not w.view.healthy:
+                # A restarted prefill worker: re-run its start() before sending work.
+                try:
+                    w.info = worker_pb2.WorkerInfo.FromString(await w.client.start())
+                except Exception:  # noqa: BLE001
+                    return
+            w.view.num_running, w.view.num_waiting = ld.num_running, ld.num_waiting
+            w.view.kv_blocks_free, w.view.kv_blocks_total = ld.kv_blocks_free, ld.kv_blocks_total
+            if is_prefill:
+                w.view.healthy = not ld.draining
+        await asyncio.gather(*[one(w, True) for w in self.prefill.values()],
+                             *[one(w, False) for w in self.decode.values() if w.view.healthy])
+
+
+class _Retry(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+async def _quiet(aw) -> None:
+    try:
+        await aw
+    except Exception:  # noqa: BLE001 - best effort: the worker may be gone
+        pass
+
+
+__all__ = ["Router", "RouterConfig", "GenerateInput", "Delta", "RequestFailed", "Overloaded"]
