@@ -54,6 +54,7 @@ class DecodeWorker:
         self.outboxes: dict[str, Outbox] = {}
         self.routes: dict[str, tuple[str, str, int, int]] = {}  # key -> (router, rid, attempt, n_sent)
         self.deadlines: dict[str, float] = {}                   # key -> unix seconds
+        self.res_ids: dict[str, str] = {}                       # key -> live reservation id
         mc = self.engine.model_config
         self.layout = KVLayout(mc.num_hidden_layers, self.engine.block_size,
                                mc.num_key_value_heads, mc.head_dim, self.engine.dtype)
@@ -69,11 +70,16 @@ class DecodeWorker:
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> bytes:
+        """Idempotent: the router calls it again after a restart to re-attach."""
+        if self.aengine is not None:
+            return self.info().SerializeToString()
         self.loop = asyncio.get_running_loop()
         self.aengine = AsyncEngine(self.engine, on_fatal=self._fatal, sink=self._sink)
         self.aengine.start()
         host = self.spec.host or node_ip()
-        if self.spec.role != "both" or self.spec.transport != "local":
+        if self.spec.transport == "local":
+            self.kv_endpoint = f"local:{self.spec.worker_id}"
+        else:
             from kv_transfer.grpc_transport import serve_kv
             self.kv_server, port = serve_kv(self.receiver, host, 0, self.spec.secret or None)
             self.kv_endpoint = f"{host}:{port}"
@@ -124,6 +130,7 @@ class DecodeWorker:
         entry = self.table.create(request_id=req.request_id, attempt_id=req.attempt_id,
                                   block_ids=tuple(blocks), num_tokens=len(prompt),
                                   lease_s=lease_s)
+        self.res_ids[key] = entry.reservation_id
         self.routes[key] = (req.router_id, req.request_id, req.attempt_id, 0)
         if req.deadline_unix_ms:
             self.deadlines[key] = req.deadline_unix_ms / 1000
@@ -162,9 +169,13 @@ class DecodeWorker:
         """End an attempt here (cancel, deadline, failed prefill): frees its blocks or
         reservation; late KV for it is then rejected by the receiver."""
         key = f"{request_id}/{attempt_id}"
-        for entry in self.table.entries_for(request_id, attempt_id):
-            self.table.fail(entry.reservation_id, "aborted by router")
-        if self.aengine is not None and key in self.routes:
+        res_id = self.res_ids.pop(key, None)
+        if res_id is not None:
+            # Fail first: a chunk still in flight for this attempt is then rejected and
+            # never lands in blocks that may be handed to someone else.
+            self.table.fail(res_id, "aborted by router", code=kv_pb2.KV_STATUS_STALE_ATTEMPT)
+            self.table.pop(res_id, "aborted")
+        if self.aengine is not None:
             self.aengine.abort(key)
 
     async def poll(self, router_id: str, timeout_s: float = 1.0) -> bytes:
@@ -219,6 +230,7 @@ class DecodeWorker:
 
         def activate(e: LLMEngine) -> None:
             aengine.publish([e.activate(key, record.first_token_id, first_lp)])
+            self.loop.call_soon_threadsafe(self._forget_reservation, key)
         fut = asyncio.run_coroutine_threadsafe(aengine.call(activate), self.loop)
         try:
             fut.result(timeout=10)
@@ -226,6 +238,11 @@ class DecodeWorker:
             return kv_pb2.CompleteAck(ok=False, code=kv_pb2.KV_STATUS_UNKNOWN_RESERVATION,
                                       error=f"activation failed: {e}")
         return kv_pb2.CompleteAck(ok=True, code=kv_pb2.KV_STATUS_OK)
+
+    def _forget_reservation(self, key: str) -> None:
+        res_id = self.res_ids.pop(key, None)
+        if res_id is not None:
+            self.table.pop(res_id, "completed")
 
     def _on_failed(self, entry: ReservationEntry, code: int, message: str) -> None:
         key = f"{entry.request_id}/{entry.attempt_id}"
@@ -239,6 +256,9 @@ class DecodeWorker:
         # failed, and the router hears it from the prefill side (or its own timeout).
         self.routes.pop(key, None)
         self.deadlines.pop(key, None)
+        res_id = self.res_ids.pop(key, None)
+        if res_id is not None:
+            self.table.pop(res_id, "failed")
         if self.aengine is not None:
             self.aengine.abort(key)
 
@@ -248,7 +268,8 @@ class DecodeWorker:
         while True:
             await asyncio.sleep(period)
             for entry in self.table.expired(time.monotonic()):
-                self.table.fail(entry.reservation_id, "lease expired")
+                if self.table.fail(entry.reservation_id, "lease expired") is not None:
+                    self._drop_reserved(f"{entry.request_id}/{entry.attempt_id}")
             now = time.time()
             for key, deadline in list(self.deadlines.items()):
                 if now > deadline and self.aengine is not None:

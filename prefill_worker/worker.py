@@ -54,16 +54,22 @@ class PrefillWorker:
         self.engine.runner.set_layer_hook(self._on_layer)
 
     async def start(self, local_receivers: dict | None = None) -> bytes:
+        """Idempotent: the router calls it again after a restart to re-attach."""
+        if self.aengine is None:
+            await self._start(local_receivers)
+        return self._info.SerializeToString()
+
+    async def _start(self, local_receivers: dict | None) -> None:
         self.loop = asyncio.get_running_loop()
         self.aengine = AsyncEngine(self.engine, on_fatal=self._fatal, sink=self._sink)
         self.aengine.start()
         self.transport = self._make_transport(local_receivers)
-        return worker_pb2.WorkerInfo(
+        self._info = worker_pb2.WorkerInfo(
             worker_id=self.spec.worker_id, role=worker_pb2.ROLE_PREFILL,
             compat_hash=self.compat_hash, block_size=self.engine.block_size,
             num_blocks=self.engine.num_blocks, max_model_len=self.engine.max_model_len,
             model_name=self.spec.model_name, dist_rank=max(self.spec.dist.rank, 0),
-            pid=os.getpid()).SerializeToString()
+            pid=os.getpid())
 
     def _make_transport(self, local_receivers: dict | None):
         name = self.spec.transport
