@@ -4,50 +4,44 @@ decode rank (D). The same code runs with the gloo backend on CPU, which is how C
 How this works
 --------------
 One cluster-wide process group (`init_kv_group`): every P and D worker joins it once at
-start-up with a launcher-assigned rank. After init only point-to-point send/recv runs,
-never a collective. Why the single default group: torch.distributed p2p works between any
-two ranks of a group (NCCL creates a 2-rank communicator per pair lazily, on the pair's
-first send/recv), and `new_group` would need every rank of the default group to call it
-anyway, so per-pair groups buy nothing but start-up coordination.
+start-up with a launcher-assigned rank; afterwards only point-to-point send/recv runs,
+never a collective. Why the one default group: p2p works between any two ranks of a group
+(NCCL builds a 2-rank communicator per pair lazily, on the pair's first send/recv), and
+`new_group` needs every rank of the default group to call it anyway, so per-pair groups
+would add start-up coordination and buy nothing.
 
-Each P→D pair is one ordered stream of frames. A frame is a fixed-size uint8 header
-tensor, followed by a payload tensor for CHUNK frames:
+Each P→D pair is one ordered stream of frames; D answers each END with an ack:
 
-    header [FRAME_BYTES] uint8:
-      0   4s  magic b"PDKV"   (a misframed stream fails loudly, it is never parsed as KV)
-      4   u8  version
-      5   u8  kind            CHUNK | END (attempt fence) | BYE (sender closes)
-      6   u16 reserved
-      8   u32 proto length    little-endian
-      12  ... serialized kv_pb2.KVChunkHeader, zero padding up to FRAME_BYTES
-    payload: tensor of header.dtype / header.shape (KV_PAYLOAD_LAYOUT), CHUNK frames only
+    P ─ frame(CHUNK) payload frame(CHUNK) payload ... frame(END) ─────────────▶ D
+    P ◀──────────────────────────────────────────── ack [code, chunks, bytes, attempt]
 
-Framing invariant: a header and its payload are adjacent on the pair's stream. So P has
-one sender thread per destination rank (shared by all attempts to that D), never one per
-attempt, and D has one receiving thread per source rank. NCCL ignores tags, so order
-alone frames the stream; gloo matches tags too (header vs payload), which turns a framing
-bug into a timeout instead of garbage.
+    frame: uint8 [FRAME_BYTES] = magic b"PDKV" | u8 version | u8 kind | u16 0 |
+           u32 LE proto length | serialized kv_pb2.KVChunkHeader | zero padding
+    payload: header.dtype / header.shape (KV_PAYLOAD_LAYOUT), after CHUNK frames only
 
-CRC trade-off: with gloo the payload is on CPU and each chunk carries its crc32c. With
-NCCL the payload stays on the GPU; computing crc32c there would need a copy to the host
-and erase the point of NCCL, so crc32c = 0 and SendSummary.checksum = 0, and D relies on
-the completion checks (attempt ids, num_chunks, kv_bytes). NCCL links carry their own
-link-level integrity checks; host-memory bit flips are what crc catches on the gloo path.
+The magic makes a misframed stream fail loudly instead of being parsed as KV. Framing
+invariant: a frame and its payload are adjacent on the pair's stream, so P has one sender
+thread per destination rank, shared by all attempts to that D (never one per attempt),
+and D one receiving thread per source rank. NCCL ignores tags, so order alone frames the
+stream; gloo matches tags too, which turns a framing bug into a timeout, not garbage.
 
-Completion fence: P's finish() queues an END frame after the attempt's chunks. D marks
-the attempt drained when its thread reaches END (after its CUDA stream is synchronized),
-and `DistKVListener.complete()` waits for that mark before `KVReceiver.complete()`: the
-gRPC Complete call could otherwise overtake chunks that were sent but not yet processed.
+The END ack is what grpc's KVPushAck is: finish() returns once D has processed (written,
+and on CUDA synchronized) every chunk before END, and raises D's first rejection code.
+So the gRPC Complete that follows cannot overtake chunks still in D's threads.
 
-Shutdown: D cannot wake its own thread blocked in recv from a remote rank (no poison pill
-from the local process). The P side sends a BYE frame to every D it talks to (and to any
-`bye_ranks`) at close(); D threads are daemons, so a D process still exits if a P died
-without BYE. close() on D joins for a bounded time and logs threads still blocked.
+CRC trade-off: with gloo the payload is on the host and every chunk carries its crc32c.
+With NCCL it stays on the GPU; crc32c there would cost a device-to-host copy per chunk,
+so headers carry crc32c = 0 and D verifies ids, chunk count, bytes and block coverage at
+Complete but not the bytes (KVReceiver skips crc when it is 0).
 
-Timeouts: the group's timeout bounds every pending op, including D's idle header recv.
-gloo closes the pair when it expires and NCCL's watchdog tears the process down, so the
-group timeout must exceed the longest idle gap of any pair (default 7 days). Request
-latency is bounded by finish(timeout) and reservation leases instead.
+Shutdown: a thread blocked in recv from a remote rank cannot be woken from the local
+process. P's close() sends BYE to every D it talked to (and to `bye_ranks`); D threads
+are daemons, so a D whose P died without BYE still exits.
+
+Timeouts: the group timeout bounds every pending op, D's idle recv included: gloo closes
+the pair when it expires and NCCL's watchdog tears the process down. So it must exceed
+the longest idle gap of any pair (default 7 days); requests are bounded by finish(timeout)
+and reservation leases instead.
 """
 from __future__ import annotations
 
@@ -71,48 +65,40 @@ from pdserve.v1 import kv_pb2, worker_pb2
 
 logger = logging.getLogger(__name__)
 
-Backend = Literal["nccl", "gloo"]
-
 FRAME_BYTES = 4096
 # The largest header is a chunk naming many D block ids (<= 5 bytes each as varints):
-# 512 ids keep it well inside FRAME_BYTES next to ids and shape (checked when packing).
+# 512 ids stay well inside FRAME_BYTES (and pack_frame checks).
 MAX_BLOCKS_PER_CHUNK = 512
-# Chunks only exist to bound the header here (NCCL and gloo move any size); 256 MiB
-# keeps a single payload allocation on D modest.
+# Chunks exist here only to bound the header (NCCL and gloo move any size); 256 MiB also
+# bounds one payload allocation on D.
 MAX_CHUNK_BYTES = 256 << 20
 DEFAULT_GROUP_TIMEOUT_S = 7 * 24 * 3600.0   # > any idle gap of a pair (module docstring)
 
-_MAGIC = b"PDKV"
-_FRAME_VERSION = 1
+_MAGIC, _VERSION = b"PDKV", 1
 _PREFIX = struct.Struct("<4sBBHI")          # magic, version, kind, reserved, proto length
-_TAG_HEADER, _TAG_PAYLOAD = 1, 2            # gloo matches them; NCCL ignores tags
+_TAG_FRAME, _TAG_PAYLOAD, _TAG_ACK = 1, 2, 3  # gloo matches tags; NCCL ignores them
 
 
 class FrameKind(IntEnum):
-    CHUNK = 1       # header + payload
-    END = 2         # all chunks of (request_id, attempt_id) are before this frame
-    BYE = 3         # the sender closes: the receiving thread exits
+    CHUNK = 1   # a payload follows
+    END = 2     # the attempt's chunks are all before this frame; D acks it
+    BYE = 3     # the sender closes; D's thread for it exits
 
 
-def init_kv_group(backend: Backend, init_method: str, world_size: int, rank: int,
+def init_kv_group(backend: Literal["nccl", "gloo"], init_method: str, world_size: int, rank: int,
                   timeout_s: float = DEFAULT_GROUP_TIMEOUT_S) -> None:
-    """Join the cluster-wide KV process group (the default group) once at start-up.
-
-    Blocks until all `world_size` ranks have joined: every P and D worker must call it
-    concurrently with its launcher-assigned rank; rank 0 hosts the TCP store at
-    `init_method` (tcp://host:port). With NCCL, call torch.cuda.set_device() first.
-    `device_id` is deliberately not passed: an eagerly bound default communicator would
-    be shared by all pairs (NCCL comms are not safe for concurrent use from several
-    threads), while lazy init gives each pair its own 2-rank communicator.
-    """
+    """Join the cluster-wide KV group (the default group) once at start-up. Blocks until
+    all `world_size` ranks joined: every P and D worker calls it concurrently with its
+    launcher-assigned rank; rank 0 hosts the store at init_method (tcp://host:port). NCCL:
+    call torch.cuda.set_device() first. No `device_id`: an eagerly bound communicator
+    would be shared by all pairs, lazy init gives each pair its own."""
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside world of {world_size}")
+        raise ValueError(f"rank {rank} outside a world of {world_size}")
     if dist.is_initialized():
-        if dist.get_rank() != rank or dist.get_world_size() != world_size:
-            raise RuntimeError(f"a process group already exists as rank {dist.get_rank()} of "
-                               f"{dist.get_world_size()}; cannot join as {rank} of {world_size}")
+        if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+            raise RuntimeError(f"already rank {dist.get_rank()} of {dist.get_world_size()}")
         return
     logger.info("joining KV group %s as rank %d/%d (%s)", init_method, rank, world_size, backend)
     dist.init_process_group(backend=backend, init_method=init_method, world_size=world_size,
@@ -120,44 +106,47 @@ def init_kv_group(backend: Backend, init_method: str, world_size: int, rank: int
 
 
 def pack_frame(kind: FrameKind, header: kv_pb2.KVChunkHeader | None = None) -> Tensor:
-    """The fixed-size frame header as a CPU uint8 tensor (layout in the module docstring)."""
+    """A frame as a CPU uint8 tensor (layout in the module docstring)."""
     body = b"" if header is None else header.SerializeToString()
     if _PREFIX.size + len(body) > FRAME_BYTES:
-        raise TransferError(f"chunk header of {len(body)} bytes does not fit a {FRAME_BYTES}-byte "
-                            f"frame", kv_pb2.KV_STATUS_INVALID)
+        raise TransferError(f"a {len(body)}-byte chunk header does not fit a frame",
+                            kv_pb2.KV_STATUS_INVALID)
     buf = bytearray(FRAME_BYTES)
-    _PREFIX.pack_into(buf, 0, _MAGIC, _FRAME_VERSION, int(kind), 0, len(body))
+    _PREFIX.pack_into(buf, 0, _MAGIC, _VERSION, int(kind), 0, len(body))
     buf[_PREFIX.size:_PREFIX.size + len(body)] = body
     return torch.frombuffer(buf, dtype=torch.uint8)
 
 
 def unpack_frame(frame: Tensor) -> tuple[FrameKind, kv_pb2.KVChunkHeader]:
-    """Parse a received frame (CPU uint8 [FRAME_BYTES]); ValueError if it is not one:
-    the stream is then misframed and cannot be trusted any more."""
+    """Parse a received frame (CPU uint8); ValueError when it is none: the stream is then
+    misframed and nothing more from it can be trusted."""
     raw = frame.numpy().tobytes()
     magic, version, kind, _, n = _PREFIX.unpack_from(raw, 0)
-    if magic != _MAGIC or version != _FRAME_VERSION or n > FRAME_BYTES - _PREFIX.size:
+    if magic != _MAGIC or version != _VERSION or n > FRAME_BYTES - _PREFIX.size:
         raise ValueError(f"not a KV frame (magic {magic!r}, version {version}, length {n})")
-    header = kv_pb2.KVChunkHeader()
-    header.ParseFromString(raw[_PREFIX.size:_PREFIX.size + n])
-    return FrameKind(kind), header
+    return FrameKind(kind), kv_pb2.KVChunkHeader.FromString(raw[_PREFIX.size:_PREFIX.size + n])
 
 
 def _wire_device(device: torch.device | str | None) -> torch.device:
-    """Where tensors must be for the group's backend: gloo moves CPU tensors here (a CUDA
-    cache still works, through host copies); NCCL moves device tensors only."""
-    if dist.get_backend() == "nccl":
-        dev = torch.device(device if device is not None else "cuda")
-        if dev.type != "cuda":
-            raise ValueError(f"the NCCL backend needs a CUDA device, got {dev}")
-        return dev
-    return torch.device("cpu")
+    """NCCL moves device tensors only; gloo moves host tensors (a CUDA cache still works
+    with gloo, through host copies)."""
+    if dist.get_backend() != "nccl":
+        return torch.device("cpu")
+    dev = torch.device(device if device is not None else "cuda")
+    if dev.type != "cuda":
+        raise ValueError(f"the NCCL backend needs a CUDA device, got {dev}")
+    return dev
+
+
+def _stream_ctx(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
+    # Own CUDA stream per thread: a send or recv waiting on its peer must not stall the
+    # engine's stream.
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 # --- P side ---------------------------------------------------------------------------
 
 class CompletionSink(Protocol):
-    """Anything that verifies a CompletionRecord locally (KVReceiver, DistKVListener)."""
     def complete(self, record: worker_pb2.CompletionRecord) -> kv_pb2.CompleteAck: ...
 
 
@@ -167,74 +156,60 @@ class ControlChannel(Protocol):
                  timeout: float) -> kv_pb2.CompleteAck: ...
 
 
-_Item = tuple["DistSendHandle | None", FrameKind, kv_pb2.KVChunkHeader | None, "Tensor | None",
-              "torch.cuda.Event | None"]
+# (handle, kind, header, payload, event the payload's producer stream recorded)
+_Item = tuple["DistSendHandle", FrameKind, kv_pb2.KVChunkHeader, "Tensor | None", "torch.cuda.Event | None"]
 
 
 class _PeerSender:
-    """The one thread that writes frames to one destination rank (framing invariant).
-    A bounded queue gives the engine backpressure instead of unbounded buffered KV."""
+    """The one thread writing to one D rank. Its bounded queue gives the engine
+    backpressure instead of an unbounded pile of gathered KV."""
 
     def __init__(self, dst: int, device: torch.device, queue_frames: int) -> None:
         self.dst, self.device = dst, device
         self.queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_frames)
-        self.error: BaseException | None = None       # set once the stream is broken
+        self.error: TransferError | None = None         # set once: the stream is unusable
+        self.busy_since = 0.0                           # monotonic start of the frame in flight
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._ack = torch.zeros(4, dtype=torch.int64, device=device)
         self._thread = threading.Thread(target=self._run, name=f"kv-send-{dst}", daemon=True)
         self._thread.start()
 
-    def put(self, item: _Item | None, timeout: float) -> None:
-        self.queue.put(item, timeout=timeout)
-
-    def join(self, timeout: float) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
     def _run(self) -> None:
-        while True:
-            item = self.queue.get()
-            if item is None:            # close(): say BYE so D's thread for us exits
-                if self.error is None:
-                    self._try(lambda: self._send(FrameKind.BYE, None, None, None))
-                return
-            handle, kind, header, payload, event = item
-            assert handle is not None
-            if self.error is not None:
-                handle._done(self.error)
-            elif handle.aborted:
-                handle._done(None)      # not started, so skipping keeps the stream framed
-            else:
-                handle._done(self._try(lambda: self._send(kind, header, payload, event)))
+        with _stream_ctx(self._stream):
+            while (item := self.queue.get()) is not None:
+                handle, kind, header, payload, event = item
+                if self.error is not None or (handle.aborted and kind is FrameKind.CHUNK):
+                    handle._done(self.error)    # never started: skipping keeps the stream framed
+                    continue
+                self.busy_since = time.monotonic()
+                try:
+                    handle._done(None, self._send(kind, header, payload, event))
+                except Exception as e:           # pair closed, peer gone
+                    logger.error("KV stream to rank %d broken: %s", self.dst, e)
+                    self.error = TransferError(f"KV stream to rank {self.dst} broken: {e}")
+                    handle._done(self.error)
+                self.busy_since = 0.0
+            if self.error is None:
+                with contextlib.suppress(Exception):
+                    dist.send(pack_frame(FrameKind.BYE).to(self.device), self.dst, tag=_TAG_FRAME)
 
-    def _try(self, fn: Callable[[], None]) -> BaseException | None:
-        try:
-            fn()
-            return None
-        except Exception as e:          # pair closed, peer gone: the stream is unusable
-            logger.error("KV stream to rank %d broken: %s", self.dst, e)
-            self.error = TransferError(f"KV stream to rank {self.dst} broken: {e}")
-            return self.error
-
-    def _send(self, kind: FrameKind, header: kv_pb2.KVChunkHeader | None, payload: Tensor | None,
-              event: torch.cuda.Event | None) -> None:
-        frame = pack_frame(kind, header)
-        if self._stream is None:
-            dist.send(frame, self.dst, tag=_TAG_HEADER)
-            if payload is not None:
-                dist.send(payload, self.dst, tag=_TAG_PAYLOAD)
-            return
-        # Own stream: a send waiting for D must not stall the engine's default stream.
-        with torch.cuda.stream(self._stream):
-            if event is not None:
-                self._stream.wait_event(event)      # the payload was written on the engine's stream
-            dist.send(frame.to(self.device), self.dst, tag=_TAG_HEADER)
-            if payload is not None:
-                dist.send(payload, self.dst, tag=_TAG_PAYLOAD)
-            self._stream.synchronize()              # the bytes left: finish() may count them
+    def _send(self, kind: FrameKind, header: kv_pb2.KVChunkHeader, payload: Tensor | None,
+              event: torch.cuda.Event | None) -> list[int] | None:
+        if event is not None and self._stream is not None:
+            self._stream.wait_event(event)  # the payload was written on the engine's stream
+        dist.send(pack_frame(kind, header).to(self.device), self.dst, tag=_TAG_FRAME)
+        if payload is not None:
+            dist.send(payload, self.dst, tag=_TAG_PAYLOAD)
+        if kind is FrameKind.END:
+            dist.recv(self._ack, self.dst, tag=_TAG_ACK)
+            return self._ack.tolist()       # on CUDA, waits for the recv
+        if self._stream is not None:
+            self._stream.synchronize()      # the payload may be freed or reused after this
+        return None
 
 
 class DistSendHandle(KVSendHandle):
-    """One attempt's sends to one D rank; frames go through that rank's _PeerSender."""
+    """One attempt's frames to one D rank, through that rank's _PeerSender."""
 
     def __init__(self, transport: DistTransport, sender: _PeerSender,
                  reservation: worker_pb2.Reservation, request_id: str, attempt_id: int) -> None:
@@ -243,65 +218,54 @@ class DistSendHandle(KVSendHandle):
         self._base = wire.header_base(reservation, request_id, attempt_id)
         self._block_ids = wire.target_block_ids(reservation)
         self._lease_ms = reservation.lease_expiry_unix_ms
+        self._ledger = wire.SendLedger(lambda item: item[0])     # numbering, crc, last chunk held
         self._cond = threading.Condition()
         self._pending = 0
-        self._error: BaseException | None = None
-        self._num_chunks = self._num_bytes = self._checksum = 0
+        self._error: TransferError | None = None
         self.aborted = self._finished = False
 
     def send(self, layer_start: int, layer_end: int, kv: Tensor) -> None:
         if self._finished:
             raise RuntimeError("send() after finish()")
-        if self.aborted or self._error is not None:
-            return
+        if self.aborted or self._error is not None or not self._block_ids:
+            return                      # an error surfaces in finish(); no blocks: D has them
         if self._lease_ms and time.time() * 1000 > self._lease_ms:
             self._fail(TransferError("reservation lease expired before the KV was sent",
                                      kv_pb2.KV_STATUS_EXPIRED))
             return
-        if not self._block_ids:         # D's prefix cache holds the whole prompt
-            return
-        on_cpu = self._sender.device.type == "cpu"
+        on_host = self._sender.device.type == "cpu"
         kv = kv.detach().to(self._sender.device)
-        # crc only where the bytes are on the host anyway (module docstring, CRC trade-off)
-        per_send = kv[0, 0, 0].numel() * kv.element_size() * 2 * (layer_end - layer_start)
-        max_bytes = min(self._t.max_chunk_bytes, per_send * MAX_BLOCKS_PER_CHUNK)
+        column = 2 * kv[0, 0, 0].numel() * kv.element_size() * (layer_end - layer_start)
+        max_bytes = min(self._t.max_chunk_bytes, column * MAX_BLOCKS_PER_CHUNK)
         chunks = self._wire.plan_chunks(self._base, layer_start, layer_end, self._block_ids, kv,
-                                        self._num_chunks, max_bytes, checksum=on_cpu)
+                                        self._ledger.next_index, max_bytes, checksum=on_host)
         event = None
-        if not on_cpu:
+        if not on_host:
             event = torch.cuda.Event()
-            event.record()              # the sender's stream waits for the gather + copies
-        for header, piece in chunks:
-            self._num_chunks += 1
-            self._num_bytes += header.payload_bytes
-            self._checksum = self._wire.crc32c_combine(self._checksum, header.crc32c,
-                                                       header.payload_bytes) if on_cpu else 0
-            self._enqueue(FrameKind.CHUNK, header, self._t.tamper(header, piece), event)
+            event.record()              # the sender's stream waits for the copies above
+        for header, piece, ev in self._ledger.push([(h, p, event) for h, p in chunks]):
+            self._enqueue(FrameKind.CHUNK, header, self._t.tamper(header, piece), ev)
 
     def finish(self, timeout: float) -> SendSummary:
         if not self._finished and not self.aborted and self._error is None:
             self._finished = True
+            held = self._ledger.finish()        # the last chunk, now carrying num_chunks
+            if held is not None:
+                self._enqueue(FrameKind.CHUNK, held[0], self._t.tamper(held[0], held[1]), held[2])
             end = kv_pb2.KVChunkHeader()
             end.CopyFrom(self._base)
-            end.num_chunks = self._num_chunks
+            end.num_chunks = self._ledger.next_index
             self._enqueue(FrameKind.END, end, None, None)
-        deadline = time.monotonic() + timeout
         with self._cond:
-            while self._pending and self._error is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            error, pending = self._error, self._pending
-        if error is not None:
-            raise error if isinstance(error, TransferError) else TransferError(str(error))
+            done = self._cond.wait_for(lambda: not self._pending or self._error is not None, timeout)
+        if self._error is not None:
+            raise self._error
         if self.aborted:
             raise TransferError("transfer aborted")
-        if pending:
+        if not done:
             self.abort()
-            raise TransferError(f"{pending} KV frames to rank {self._sender.dst} not sent "
-                                f"within {timeout:.1f}s")
-        return SendSummary(self._num_chunks, self._checksum, self._num_bytes)
+            raise TransferError(f"KV to rank {self._sender.dst} not acknowledged within {timeout:.1f}s")
+        return self._ledger.summary()
 
     def abort(self) -> None:
         self.aborted = True
@@ -311,56 +275,57 @@ class DistSendHandle(KVSendHandle):
         with self._cond:
             self._pending += 1
         try:
-            self._sender.put((self, kind, header, payload, event), self._t.enqueue_timeout_s)
-        except Exception:               # queue.Full: the peer is stuck; surfaces in finish()
-            self._done(TransferError(f"KV send queue to rank {self._sender.dst} full for "
-                                     f"{self._t.enqueue_timeout_s:.0f}s"))
+            self._sender.queue.put((self, kind, header, payload, event), timeout=self._t.enqueue_timeout_s)
+        except queue.Full:              # the peer is stuck; reported by finish()
             self.abort()
+            self._done(TransferError(f"KV queue to rank {self._sender.dst} full for "
+                                     f"{self._t.enqueue_timeout_s:.0f}s"))
 
-    def _fail(self, error: BaseException) -> None:
+    def _fail(self, error: TransferError) -> None:
         with self._cond:
             self._error = self._error or error
             self._cond.notify_all()
 
-    def _done(self, error: BaseException | None) -> None:
+    def _done(self, error: TransferError | None, ack: list[int] | None = None) -> None:
+        if ack is not None and ack[0] != kv_pb2.KV_STATUS_OK:
+            error = TransferError(f"D rank {self._sender.dst} rejected the KV "
+                                  f"({kv_pb2.KVStatus.Name(ack[0])}) after {ack[1]} good chunks", ack[0])
         with self._cond:
             self._pending -= 1
-            if error is not None and self._error is None:
-                self._error = error
+            self._error = self._error or error
             self._cond.notify_all()
 
 
 @register("nccl")
 class DistTransport(KVTransport):
-    """P side of the nccl transport. D's rank comes from `rank_of(reservation)` or, by
-    default, reservation.transport_params["rank"]; completion records go through
-    `control` (gRPC Complete) or, in tests, straight to `local_receivers[rank]`."""
+    """P side. D's rank: `rank_of(reservation)`, by default transport_params["rank"].
+    Completion records go through `control` (gRPC Complete) or, in tests, straight to
+    `local_receivers[rank]`."""
     name = "nccl"
 
     def __init__(self, rank_of: Callable[[worker_pb2.Reservation], int] | None = None,
                  control: ControlChannel | None = None, *,
                  local_receivers: Mapping[int, CompletionSink] | None = None,
                  device: torch.device | str | None = None, bye_ranks: tuple[int, ...] = (),
-                 queue_frames: int = 64, enqueue_timeout_s: float = 60.0,
+                 queue_frames: int = 64, enqueue_timeout_s: float = 30.0,
                  max_chunk_bytes: int = MAX_CHUNK_BYTES) -> None:
         if not dist.is_initialized():
-            raise RuntimeError("nccl transport: call init_kv_group() before creating it")
+            raise RuntimeError("nccl transport: call init_kv_group() first")
         if control is None and local_receivers is None:
-            raise ValueError("nccl transport needs a control channel or local_receivers")
+            raise ValueError("nccl transport needs a control channel (or local_receivers)")
         self._rank_of = rank_of or (lambda r: int(r.transport_params["rank"]))
         self._control, self._local = control, dict(local_receivers or {})
         self._device = _wire_device(device)
-        self._queue_frames, self.enqueue_timeout_s = queue_frames, enqueue_timeout_s
-        self.max_chunk_bytes = max_chunk_bytes
+        self._queue_frames, self._bye_ranks = queue_frames, bye_ranks
+        self.enqueue_timeout_s, self.max_chunk_bytes = enqueue_timeout_s, max_chunk_bytes
         self._senders: dict[int, _PeerSender] = {}
         self._lock = threading.Lock()
-        self._bye_ranks = bye_ranks
-        # Test hook: (header, payload) -> payload actually sent (fault injection).
+        # Test hook: (header, payload) -> the payload actually sent (fault injection).
         self.tamper: Callable[[kv_pb2.KVChunkHeader, Tensor], Tensor] = lambda h, p: p
 
     def _sender(self, rank: int) -> _PeerSender:
         if rank == dist.get_rank() or not 0 <= rank < dist.get_world_size():
-            raise TransferError(f"bad destination rank {rank} for the KV group")
+            raise TransferError(f"bad destination rank {rank} in the KV group", kv_pb2.KV_STATUS_INVALID)
         with self._lock:
             if rank not in self._senders:
                 self._senders[rank] = _PeerSender(rank, self._device, self._queue_frames)
@@ -371,11 +336,12 @@ class DistTransport(KVTransport):
         try:
             rank = self._rank_of(reservation)
         except (KeyError, ValueError) as e:
-            raise TransferError(f"reservation has no usable transport_params['rank']: {e}",
-                                kv_pb2.KV_STATUS_INVALID) from e
+            raise TransferError(f"no usable D rank in the reservation: {e}", kv_pb2.KV_STATUS_INVALID) from e
         sender = self._sender(rank)
-        if sender.error is not None:
-            raise sender.error
+        stuck = sender.busy_since and time.monotonic() - sender.busy_since > self.enqueue_timeout_s
+        if sender.error is not None or stuck:
+            # fail fast so the router picks another path instead of queueing behind it
+            raise sender.error or TransferError(f"KV stream to rank {rank} stalled")
         return DistSendHandle(self, sender, reservation, request_id, attempt_id)
 
     def complete(self, reservation: worker_pb2.Reservation, record: worker_pb2.CompletionRecord,
@@ -385,118 +351,103 @@ class DistTransport(KVTransport):
         return self._local[self._rank_of(reservation)].complete(record)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Say BYE to every D this transport talked to (and to bye_ranks), then stop."""
+        """BYE to every D this transport talked to and to bye_ranks; stop the threads."""
         for rank in self._bye_ranks:
             self._sender(rank)
         with self._lock:
-            senders = list(self._senders.values())
-            self._senders.clear()
-        for s in senders:
-            try:
-                s.put(None, timeout)
-            except Exception:
-                logger.warning("KV sender to rank %d stuck; not saying BYE", s.dst)
+            senders, self._senders = list(self._senders.values()), {}
         deadline = time.monotonic() + timeout
         for s in senders:
-            if not s.join(max(0.0, deadline - time.monotonic())):
+            with contextlib.suppress(queue.Full):
+                s.queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
+        for s in senders:
+            s._thread.join(max(0.0, deadline - time.monotonic()))
+            if s._thread.is_alive():
                 logger.warning("KV sender to rank %d did not stop within %.1fs", s.dst, timeout)
 
 
 # --- D side ---------------------------------------------------------------------------
 
 class DistKVListener:
-    """D side: one daemon thread per P rank reads that rank's frames and hands each
-    chunk to `receiver.receive(header, tensor)`. `receiver` must be thread-safe (the
-    threads and D's gRPC Complete calls use it concurrently)."""
+    """D side: one daemon thread per P rank reads that rank's frames, hands each chunk to
+    `receiver.receive(header, tensor)` (a KVReceiver: thread-safe, it is shared with D's
+    gRPC threads) and acks each END with the attempt's first rejection."""
 
     def __init__(self, receiver: object, peer_ranks: list[int], device: torch.device | str | None,
-                 *, max_payload_bytes: int = 4 << 30, fences: int = 4096) -> None:
+                 *, max_payload_bytes: int = 4 << 30, max_attempts: int = 4096) -> None:
         if not dist.is_initialized():
             raise RuntimeError("DistKVListener: call init_kv_group() first")
         self._receiver = receiver
         self._device = _wire_device(device)
-        self._max_payload = max_payload_bytes
-        self._cond = threading.Condition()
-        self._drained: OrderedDict[tuple[str, int], int] = OrderedDict()  # END seen: num_chunks
-        self._max_fences = fences
+        self._max_payload, self._max_attempts = max_payload_bytes, max_attempts
         self._closing = False
-        self.chunks = 0     # chunks handed to the receiver (any outcome), for tests/metrics
+        self.chunks = 0             # chunks handed to the receiver, any outcome (metrics, tests)
         self._threads = [threading.Thread(target=self._serve, args=(r,), name=f"kv-recv-{r}",
                                           daemon=True) for r in peer_ranks]
         for t in self._threads:
             t.start()
 
-    def wait_drained(self, request_id: str, attempt_id: int, timeout: float) -> bool:
-        """True once the END frame of the attempt was processed: every chunk sent before
-        it is in D's cache (on CUDA: the copies are complete)."""
-        with self._cond:
-            return self._cond.wait_for(lambda: (request_id, attempt_id) in self._drained, timeout)
-
-    def complete(self, record: worker_pb2.CompletionRecord, timeout: float = 10.0) -> kv_pb2.CompleteAck:
-        """KVReceiver.complete after the attempt's chunks were processed. D routes the
-        Complete of nccl reservations here; without the fence, Complete could overtake
-        chunks still in this process's receive threads. If the fence does not come, the
-        receiver decides (it will see missing chunks)."""
-        if not self.wait_drained(record.request_id, record.attempt_id, timeout):
-            logger.warning("complete for %s attempt %d before its KV was drained",
-                           record.request_id, record.attempt_id)
-        with self._cond:
-            self._drained.pop((record.request_id, record.attempt_id), None)
-        return self._receiver.complete(record)  # type: ignore[attr-defined]
-
     def close(self, timeout: float = 5.0) -> None:
-        """Stop accepting chunks; threads exit on their sender's BYE (see module docstring)."""
+        """Stop writing chunks (they are still drained); threads exit on their P's BYE."""
         self._closing = True
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
         alive = [t.name for t in self._threads if t.is_alive()]
         if alive:
-            logger.info("KV receive threads still waiting for BYE (daemon): %s", alive)
+            logger.info("KV receive threads still waiting for BYE (daemons): %s", alive)
 
     def _serve(self, src: int) -> None:
         stream = torch.cuda.Stream(self._device) if self._device.type == "cuda" else None
         frame = torch.empty(FRAME_BYTES, dtype=torch.uint8, device=self._device)
+        # (request_id, attempt_id) -> [first bad KVStatus or OK, good chunks, good bytes];
+        # only this thread touches it. Bounded: attempts whose P died never see END.
+        attempts: OrderedDict[tuple[str, int], list[int]] = OrderedDict()
         try:
-            # Own stream on CUDA: a recv posted while idle must not block D's engine.
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                while self._step(src, frame, stream):
+            with _stream_ctx(stream):
+                while self._step(src, frame, stream, attempts):
                     pass
         except Exception as e:
             if not self._closing:
                 logger.error("KV stream from rank %d broken, no more KV from it: %s", src, e)
-        logger.debug("KV receive thread for rank %d exits", src)
 
-    def _step(self, src: int, frame: Tensor, stream: torch.cuda.Stream | None) -> bool:
+    def _step(self, src: int, frame: Tensor, stream: torch.cuda.Stream | None,
+              attempts: OrderedDict[tuple[str, int], list[int]]) -> bool:
         from kv_transfer.layout import dtype_from_proto
-        dist.recv(frame, src, tag=_TAG_HEADER)
-        kind, header = unpack_frame(frame.cpu())   # on CUDA: waits for the recv
+        dist.recv(frame, src, tag=_TAG_FRAME)
+        kind, header = unpack_frame(frame.cpu())    # on CUDA: waits for the recv
         if kind is FrameKind.BYE:
             return False
+        key = (header.request_id, header.attempt_id)
+        state = attempts.pop(key, None) or [kv_pb2.KV_STATUS_OK, 0, 0]
         if kind is FrameKind.END:
             if stream is not None:
-                stream.synchronize()    # the scatters of earlier chunks are done
-            with self._cond:
-                self._drained[(header.request_id, header.attempt_id)] = header.num_chunks
-                while len(self._drained) > self._max_fences:   # fences nobody asked for
-                    self._drained.popitem(last=False)
-                self._cond.notify_all()
+                stream.synchronize()    # the writes of the chunks before END are done
+            ack = torch.tensor([*state, header.attempt_id], dtype=torch.int64, device=self._device)
+            dist.send(ack, src, tag=_TAG_ACK)
             return True
-        shape = tuple(header.shape)
-        dtype = dtype_from_proto(header.dtype)
-        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        shape, dtype = torch.Size(header.shape), dtype_from_proto(header.dtype)
+        size = shape.numel() * torch.empty((), dtype=dtype).element_size()
         if not shape or size != header.payload_bytes or size > self._max_payload:
-            # The payload size is unknowable: the stream cannot be drained or trusted.
-            raise ValueError(f"undrainable chunk header: shape {shape} {dtype}, "
+            # the payload's size is unknowable, so the stream cannot be drained
+            raise ValueError(f"undrainable chunk: shape {list(shape)} {dtype}, "
                              f"payload_bytes {header.payload_bytes}")
         payload = torch.empty(shape, dtype=dtype, device=self._device)
-        dist.recv(payload, src, tag=_TAG_PAYLOAD)  # always received: keeps the stream framed
+        dist.recv(payload, src, tag=_TAG_PAYLOAD)   # always received: keeps the stream framed
         if self._closing:
-            return True
-        code, message = self._receiver.receive(header, payload)  # type: ignore[attr-defined]
-        self.chunks += 1
-        if code != kv_pb2.KV_STATUS_OK:
-            logger.warning("rank %d chunk %d of %s attempt %d rejected (%s): %s", src,
+            code, message = kv_pb2.KV_STATUS_UNKNOWN_RESERVATION, "decode worker closing"
+        else:
+            code, message = self._receiver.receive(header, payload)  # type: ignore[attr-defined]
+            self.chunks += 1
+        if code == kv_pb2.KV_STATUS_OK and state[0] == kv_pb2.KV_STATUS_OK:
+            state[1] += 1
+            state[2] += header.payload_bytes
+        elif state[0] == kv_pb2.KV_STATUS_OK:
+            state[0] = code
+            logger.warning("rank %d: chunk %d of %s attempt %d rejected (%s): %s", src,
                            header.chunk_index, header.request_id, header.attempt_id,
                            kv_pb2.KVStatus.Name(code), message)
+        attempts[key] = state
+        while len(attempts) > self._max_attempts:
+            attempts.popitem(last=False)
         return True

@@ -214,7 +214,7 @@ class IpcSendHandle(KVSendHandle):
                              f"{want} {k0.dtype}")
         self._cache.copy_in(layer_start, layer_end, self._ids, kv.to(self._cache.device))
         self._event = torch.cuda.Event()
-        self._event.record()
+        self._event.record(torch.cuda.current_stream(self._cache.device))  # where the copy ran
         self._bytes += kv.numel() * kv.element_size()
 
     def finish(self, timeout: float) -> SendSummary:

@@ -56,6 +56,7 @@ class RouterConfig:
     load_interval_s: float = 0.25
     block_size: int = 16
     max_model_len: int = 8192
+    transport: str = "grpc"              # for metrics/logs; the workers hold the real one
 
     def __post_init__(self) -> None:
         if self.mode not in ("disaggregated", "colocated"):
@@ -107,6 +108,7 @@ class _State:
     prefill_id: str = ""
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     tokens_sent: int = 0
+    last_token_at: float = 0.0
     cached_tokens: int | None = None
     finished: bool = False
 
@@ -130,6 +132,8 @@ class Router:
         self.states: dict[str, _State] = {}
         self._attempts = 0
         self._tasks: list[asyncio.Task] = []
+        self.metrics = None                      # RouterMetrics, attached by make_registry
+        self.transport_name = config.transport
         self.events: dict[str, int] = {"retries": 0, "decode_lost": 0, "transfer_failures": 0,
                                        "colocated": 0, "disaggregated": 0}
 
@@ -159,6 +163,8 @@ class Router:
             outcome, reason = "completed", ""
         except RequestFailed as e:
             outcome, reason = "error", f"{e.kind}: {e}"
+            if self.metrics is not None:
+                self.metrics.labels(self.metrics.failures, kind=e.kind).inc()
             raise
         except (asyncio.CancelledError, GeneratorExit):
             outcome, reason = "cancelled", "client cancelled"
@@ -200,6 +206,11 @@ class Router:
         colocated = (self.config.mode == "colocated" or not prefill
                      or len(inp.prompt_token_ids) < self.config.disagg_threshold)
         d = await self._reserve_or_submit(state, inp, sampling, deadline_ms, colocated, tried_d)
+        m = self.metrics
+        if m is not None:
+            m.labels(m.queue_time).observe(time.monotonic() - state.rec.accepted_at)
+            m.labels(m.routing, path="colocated" if colocated else "disaggregated",
+                     policy="kv_free" if colocated else self.config.prefill_policy).inc()
         if colocated:
             self.events["colocated"] += 1
             return
@@ -222,6 +233,13 @@ class Router:
             raise _Retry("unavailable", f"prefill worker {p.worker_id} died: {e}") from None
         finally:
             pw.view.inflight -= 1
+        if m is not None:
+            if reply.code == worker_pb2.WORKER_ERROR_NONE:
+                m.labels(m.kv_bytes, transport=self.transport_name).inc(reply.record.kv_bytes)
+                m.labels(m.kv_seconds, transport=self.transport_name).observe(reply.transfer_seconds)
+            else:
+                m.labels(m.kv_failures,
+                         reason=worker_pb2.WorkerErrorCode.Name(reply.code)).inc()
         if reply.code != worker_pb2.WORKER_ERROR_NONE:
             tried_p.add(p.worker_id)
             if reply.code == worker_pb2.WORKER_ERROR_INVALID:
@@ -310,8 +328,18 @@ class Router:
                 raise RequestFailed("deadline" if inp.deadline and time.time() >= inp.deadline
                                     else "internal", out.error or "request aborted by worker")
             state.tokens_sent += len(new_ids)
-            if new_ids and state.rec.first_token_at is None:
-                state.rec.first_token_at = time.monotonic()
+            now = time.monotonic()
+            m = self.metrics
+            if new_ids:
+                if state.rec.first_token_at is None:
+                    state.rec.first_token_at = now
+                    if m is not None:
+                        m.labels(m.ttft).observe(now - state.rec.accepted_at)
+                elif m is not None:
+                    gap = (now - state.last_token_at) / len(new_ids)
+                    for _ in new_ids:
+                        m.labels(m.itl).observe(gap)
+                state.last_token_at = now
             usage = None
             if finish is not None:
                 state.finished = True
@@ -319,6 +347,13 @@ class Router:
                           else out.usage.cached_tokens)
                 usage = Usage(out.usage.prompt_tokens, out.usage.completion_tokens, cached)
                 self._release_inflight(state)
+                if m is not None:
+                    m.labels(m.e2e).observe(now - state.rec.accepted_at)
+                    m.labels(m.success, finished_reason=finish).inc()
+                    m.labels(m.prompt_tokens).inc(usage.prompt_tokens)
+                    m.labels(m.generation_tokens).inc(usage.completion_tokens)
+                    m.labels(m.prefix_queries).inc(usage.prompt_tokens)
+                    m.labels(m.prefix_hits).inc(usage.cached_tokens)
             stop_reason: str | int | None = out.stop_reason or None
             if out.HasField("stop_token_id"):
                 stop_reason = out.stop_token_id

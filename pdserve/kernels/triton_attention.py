@@ -154,6 +154,40 @@ def _decode_reduce_kernel(
 
 
 @triton.jit
+def _prefill_tile(q, k_ptr, v_ptr, bt_row, n0, kv_end, q_pos, m_i, l_i, acc, scale_log2,
+                  kvh, stride_cb, stride_cs, stride_ch, offs_n, offs_d, dmask,
+                  PAGE: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over context positions [n0, n0 + BLOCK_N). MASKED=False is
+    for tiles every row fully sees (wholly before the query block's first position): no
+    causal or length masks, which is most tiles of a long prefill."""
+    pos = n0 + offs_n
+    if MASKED:
+        pmask = pos < kv_end
+        kv = _kv_offsets(bt_row, pos, pmask, kvh, stride_cb, stride_cs, stride_ch, PAGE)
+        tmask = pmask[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + kv[:, None] + offs_d[None, :], mask=tmask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_ptr + kv[:, None] + offs_d[None, :], mask=tmask, other=0.0)  # [BLOCK_N, BLOCK_D]
+    else:
+        blk = tl.load(bt_row + pos // PAGE).to(tl.int64)
+        kv = blk * stride_cb + (pos % PAGE) * stride_cs + kvh * stride_ch
+        k = tl.load(k_ptr + kv[:, None] + offs_d[None, :], mask=dmask[None, :], other=0.0)
+        v = tl.load(v_ptr + kv[:, None] + offs_d[None, :], mask=dmask[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        visible = (pos[None, :] <= q_pos[:, None]) & (pos < kv_end)[None, :]
+        s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # A row sees position 0 in the first tile whenever seq_len >= query_len; the guard
+    # keeps a row with nothing visible yet (bad metadata) at 0 instead of NaN.
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(s - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, scale_log2,
     stride_qt, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ot, stride_oh,
@@ -192,25 +226,16 @@ def _prefill_kernel(
     bt_row = bt_ptr + seq.to(tl.int64) * stride_bt
     # Causal skip: nothing after this query block's last position is ever visible.
     kv_end = tl.minimum(ctx, prefix + (qblk + 1) * BLOCK_Q)
-    for n0 in range(0, kv_end, BLOCK_N):
-        pos = n0 + offs_n
-        pmask = pos < kv_end
-        kv = _kv_offsets(bt_row, pos, pmask, kvh, stride_cb, stride_cs, stride_ch, PAGE)
-        tmask = pmask[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + kv[:, None] + offs_d[None, :], mask=tmask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_ptr + kv[:, None] + offs_d[None, :], mask=tmask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        visible = (pos[None, :] <= q_pos[:, None]) & pmask[None, :]
-        s = tl.where(visible, s, float("-inf"))  # [BLOCK_M, BLOCK_N]
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # A row sees position 0 in the first tile whenever seq_len >= query_len; the guard
-        # keeps a row with nothing visible yet (bad metadata) at 0 instead of NaN.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(s - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    # Tiles ending at or before the block's first position are seen whole by every row.
+    full_end = ((prefix + qblk * BLOCK_Q + 1) // BLOCK_N) * BLOCK_N
+    for n0 in range(0, full_end, BLOCK_N):
+        m_i, l_i, acc = _prefill_tile(q, k_ptr, v_ptr, bt_row, n0, kv_end, q_pos, m_i, l_i, acc,
+                                      scale_log2, kvh, stride_cb, stride_cs, stride_ch, offs_n,
+                                      offs_d, dmask, PAGE, False, DOT_PRECISION)
+    for n0 in range(full_end, kv_end, BLOCK_N):
+        m_i, l_i, acc = _prefill_tile(q, k_ptr, v_ptr, bt_row, n0, kv_end, q_pos, m_i, l_i, acc,
+                                      scale_log2, kvh, stride_cb, stride_cs, stride_ch, offs_n,
+                                      offs_d, dmask, PAGE, True, DOT_PRECISION)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + qrow[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
@@ -265,6 +290,21 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: t
     return max(1, min(want, by_len, _MAX_SPLITS))
 
 
+def _decode_tiles(use_dot: bool, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_N, num_warps) for decode. The broadcast path holds a [BLOCK_G, BLOCK_N,
+    BLOCK_D] fp32 product in registers, so it takes the smaller tile."""
+    return (64 if use_dot and dtype != torch.float32 else 32), 4
+
+
+def _prefill_tiles(block_g: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for prefill. On CUDA with 16-bit inputs,
+    128 x 64 tiles with 8 warps keep the fp32 [128, D<=128] accumulator in registers and
+    3 stages of K/V tiles in shared memory; fp32 and the interpreter take 64 x 32."""
+    if device.type == "cuda" and dtype != torch.float32:
+        return max(128, block_g), 64, 8, 3
+    return max(64, block_g), 32, 4, 2
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
 
@@ -295,8 +335,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tens
     g = hq // hkv
     use_dot = g > 2
     block_g = max(16, triton.next_power_of_2(g)) if use_dot else triton.next_power_of_2(g)
-    # The broadcast path holds a [BLOCK_G, BLOCK_N, BLOCK_D] product in registers: keep it small.
-    block_n = 64 if use_dot and q.dtype != torch.float32 else 32
+    block_n, num_warps = _decode_tiles(use_dot, q.dtype)
     block_d = max(16, triton.next_power_of_2(d))
     one = num_splits == 1
     if one:
@@ -313,7 +352,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tens
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=g, HEAD_DIM=d, PAGE=page, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
         USE_DOT=use_dot, ONE_SPLIT=one, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4,
+        num_warps=num_warps,
     )
     if not one:
         _decode_reduce_kernel[(bsz, hq)](
@@ -342,11 +381,7 @@ def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, query_start_l
         return out
     g = hq // hkv
     block_g = triton.next_power_of_2(g)
-    wide = q.device.type == "cuda" and q.dtype != torch.float32
-    # 128 x 64 tiles with 8 warps fit 16-bit K/V tiles and the fp32 accumulator in registers
-    # at head_dim 128; fp32 (and the interpreter) use 64 x 32 to halve register/smem use.
-    block_m = max(128 if wide else 64, block_g)
-    block_n = 64 if wide else 32
+    block_m, block_n, num_warps, num_stages = _prefill_tiles(block_g, q.dtype, q.device)
     _prefill_kernel[(triton.cdiv(max_query_len, block_m // block_g), bsz, hkv)](
         q, k_cache, v_cache, out, query_start_loc.contiguous(), seq_lens.contiguous(),
         block_tables, scale * _LOG2E,
@@ -355,7 +390,7 @@ def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, query_start_l
         G=g, HEAD_DIM=d, PAGE=page, BLOCK_G=block_g, BLOCK_Q=block_m // block_g,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
         DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=8 if wide else 4, num_stages=3 if wide else 2,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 

@@ -36,12 +36,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _caches(num_blocks: int, seed: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _caches(num_blocks: int, seed: int | None,
+            device: str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
     shape = (LAYOUT.num_layers, 2, num_blocks, LAYOUT.block_size, LAYOUT.num_kv_heads, LAYOUT.head_dim)
     if seed is None:
         kv = torch.zeros(shape, dtype=LAYOUT.dtype)
     else:
         kv = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=LAYOUT.dtype)
+    kv = kv.to(device)
     return [(kv[l, 0], kv[l, 1]) for l in range(LAYOUT.num_layers)]
 
 
@@ -118,17 +120,17 @@ def _recv_reservations(conn: mpc.Connection, n: int) -> list[worker_pb2.Reservat
 class DSide:
     """D's receiver, table, cache and listener, plus the reservation plumbing."""
 
-    def __init__(self, p_ranks: list[int]) -> None:
+    def __init__(self, p_ranks: list[int], device: str = "cpu") -> None:
         from kv_transfer.dist import DistKVListener
         from kv_transfer.receiver import KVReceiver
         from kv_transfer.reservations import ReservationTable
-        self.caches = _caches(D_BLOCKS, seed=None)
+        self.caches = _caches(D_BLOCKS, seed=None, device=device)
         self.table = ReservationTable()
         self.failed: dict[str, int] = {}            # reservation_id -> KVStatus
         self.receiver = KVReceiver(self.caches, LAYOUT, COMPAT, self.table,
                                    on_complete=lambda e, r: kv_pb2.CompleteAck(ok=True, code=kv_pb2.KV_STATUS_OK),
                                    on_failed=lambda e, code, msg: self.failed.__setitem__(e.reservation_id, code))
-        self.listener = DistKVListener(self.receiver, p_ranks, device="cpu")
+        self.listener = DistKVListener(self.receiver, p_ranks, device=device)
         self.rank = torch.distributed.get_rank()
         # D's free blocks in a scrambled order: ids unlike P's, never shared by two
         # reservations (as D's block pool guarantees)
@@ -161,25 +163,37 @@ class DSide:
         p_ids = _p_blocks(_req(res), len(res.block_ids))[skip:]
         want = gather_blocks(src, 0, LAYOUT.num_layers, p_ids)
         got = gather_blocks(self.caches, 0, LAYOUT.num_layers, list(res.block_ids)[skip:])
-        assert torch.equal(got, want), f"D's blocks differ from P's KV for {_req(res)}"
+        assert torch.equal(got.cpu(), want), f"D's blocks differ from P's KV for {_req(res)}"
 
 
-def _init(rank: int, world: int, port: int) -> None:
+def _init(rank: int, world: int, port: int, backend: str = "gloo") -> str:
+    """Join the group; returns this rank's KV device (NCCL: one GPU per rank)."""
     from kv_transfer.dist import init_kv_group
     torch.set_num_threads(1)
-    init_kv_group("gloo", f"tcp://127.0.0.1:{port}", world, rank, timeout_s=60.0)
+    device = "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    init_kv_group(backend, f"tcp://127.0.0.1:{port}", world, rank, timeout_s=60.0)  # type: ignore[arg-type]
+    return device
 
 
-def _pair_worker(rank: int, port: int, conn_p: mpc.Connection, conn_d: mpc.Connection) -> None:
+def _pair_worker(rank: int, port: int, conn_p: mpc.Connection, conn_d: mpc.Connection,
+                 backend: str) -> None:
     import torch.distributed as dist
     from kv_transfer.dist import DistTransport
-    _init(rank, 2, port)
+    device = _init(rank, 2, port, backend)
     if rank == 0:                                       # P
-        caches = _caches(P_BLOCKS, seed=100)
-        transport = DistTransport(control=PipeControl(conn_p), max_chunk_bytes=CHUNK_BYTES)
+        caches = _caches(P_BLOCKS, seed=100, device=device)
+        transport = DistTransport(control=PipeControl(conn_p), device=device,
+                                  max_chunk_bytes=CHUNK_BYTES)
         # two attempts in flight at once, one with D's prefix cache covering a block
         acks = _transfer(transport, conn_p, caches, _recv_reservations(conn_p, 2))
         assert all(a.ok for a in acks), acks
+        if backend == "nccl":       # no crc on the device path (dist.py, CRC trade-off)
+            transport.close()
+            dist.destroy_process_group()
+            return
         # a corrupted chunk: flip one byte of the second chunk after its crc was taken
         tampered = []
 
@@ -198,13 +212,18 @@ def _pair_worker(rank: int, port: int, conn_p: mpc.Connection, conn_d: mpc.Conne
         assert good.ok, good
         transport.close()
     else:                                               # D
-        d = DSide(p_ranks=[0])
+        d = DSide(p_ranks=[0], device=device)
         first = [d.reserve("r1", 1, 5), d.reserve("r2", 1, 6, cached_blocks=1)]
         for res in first:
             conn_d.send_bytes(res.SerializeToString())
         d.serve_completes([conn_d], 2)
         for res in first:
             d.check_blocks(res, source_seed=100)
+        if backend == "nccl":
+            d.listener.close(timeout=10.0)
+            assert not any(t.is_alive() for t in d.listener._threads)
+            dist.destroy_process_group()
+            return
         bad = d.reserve("bad", 1, 4)
         conn_d.send_bytes(bad.SerializeToString())
         d.serve_completes([conn_d], 1)
@@ -223,7 +242,17 @@ def _pair_worker(rank: int, port: int, conn_p: mpc.Connection, conn_d: mpc.Conne
 def test_p_to_d_over_gloo_with_corrupt_chunk() -> None:
     ctx = mp.get_context("spawn")
     p_end, d_end = ctx.Pipe()
-    _run_ranks(_pair_worker, 2, (_free_port(), p_end, d_end))
+    _run_ranks(_pair_worker, 2, (_free_port(), p_end, d_end, "gloo"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="NCCL needs two GPUs (it refuses two ranks on one)")
+@pytest.mark.timeout(120)
+def test_p_to_d_over_nccl() -> None:
+    ctx = mp.get_context("spawn")
+    p_end, d_end = ctx.Pipe()
+    _run_ranks(_pair_worker, 2, (_free_port(), p_end, d_end, "nccl"))
 
 
 def _fan_in_worker(rank: int, port: int, conns: list[mpc.Connection]) -> None:

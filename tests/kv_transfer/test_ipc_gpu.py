@@ -1,0 +1,92 @@
+"""The ipc transport: CUDA IPC of D's cache into P's process (two processes, one GPU),
+and its clear refusal on a machine without CUDA."""
+from __future__ import annotations
+
+import multiprocessing.connection as mpc
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pdserve.v1 import worker_pb2
+
+L, BS, H, D, N_D, N_P = 4, 16, 2, 64, 40, 24
+DTYPE = torch.bfloat16
+D_IDS = [31, 2, 17, 8, 39, 0, 23, 11]      # D's 8 reserved blocks (unlike P's)
+P_IDS = [5, 6, 7, 0, 1, 2, 3, 4]
+SPLITS = [(0, 1), (1, 4)]
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _source(device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    kv = torch.randn(L, 2, N_P, BS, H, D, generator=g).to(DTYPE).to(device)
+    return [(kv[l, 0], kv[l, 1]) for l in range(L)]
+
+
+def _d_caches(single_buffer: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if single_buffer:       # as pdserve.model.llama.allocate_kv_caches lays it out
+        kv = torch.zeros(L, 2, N_D, BS, H, D, dtype=DTYPE, device="cuda")
+        return [(kv[l, 0], kv[l, 1]) for l in range(L)]
+    return [(torch.zeros(N_D, BS, H, D, dtype=DTYPE, device="cuda"),
+             torch.zeros(N_D, BS, H, D, dtype=DTYPE, device="cuda")) for _ in range(L)]
+
+
+def _worker(rank: int, conn_p: mpc.Connection, conn_d: mpc.Connection) -> None:
+    from kv_transfer.ipc import IpcTransport, export_cache_handles
+    from kv_transfer.layout import gather_blocks
+    if rank == 1:                                           # D: export, wait, compare
+        for single in (True, False):
+            caches = _d_caches(single)
+            conn_d.send_bytes(export_cache_handles(caches))
+            assert conn_d.recv_bytes() == b"copied"
+            want = gather_blocks(_source("cuda"), 0, L, P_IDS)
+            got = gather_blocks(caches, 0, L, D_IDS)
+            assert torch.equal(got, want), f"single_buffer={single}: D's blocks differ"
+            untouched = [b for b in range(N_D) if b not in D_IDS]
+            assert not gather_blocks(caches, 0, L, untouched).any(), "wrote outside the reservation"
+            conn_d.send_bytes(b"checked")
+        return
+    src = _source("cuda")                                   # P
+    for single in (True, False):
+        transport = IpcTransport()
+        transport.attach("decode-0", conn_p.recv_bytes())
+        res = worker_pb2.Reservation(reservation_id="res", decode_worker_id="decode-0",
+                                     block_ids=D_IDS, num_tokens=len(D_IDS) * BS, attempt_id=1,
+                                     block_size=BS, transport="ipc",
+                                     lease_expiry_unix_ms=int(time.time() * 1000) + 60_000)
+        handle = transport.open(res, "req", 1)
+        for ls, le in SPLITS:
+            handle.send(ls, le, gather_blocks(src, ls, le, P_IDS))
+        summary = handle.finish(timeout=10.0)
+        assert summary.num_bytes == L * 2 * len(D_IDS) * BS * H * D * 2
+        conn_p.send_bytes(b"copied")
+        assert conn_p.recv_bytes() == b"checked"
+        transport.close()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.timeout(120)
+def test_two_processes_one_gpu_copy_into_d_blocks() -> None:
+    ctx = mp.get_context("spawn")
+    p_end, d_end = ctx.Pipe()
+    mp.start_processes(_worker, args=(p_end, d_end), nprocs=2, start_method="spawn")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_constructor_refuses_without_cuda() -> None:
+    from kv_transfer.ipc import IpcTransport
+    with pytest.raises(RuntimeError, match="ipc transport needs CUDA"):
+        IpcTransport()
+
+
+def test_export_format_is_validated() -> None:
+    from kv_transfer.ipc import decode_handles
+    for junk in (b"\x80\x04pickle", b"{}", b'{"format": "pdserve-ipc-v1", "tensors": []}',
+                 b'{"format": "pdserve-ipc-v1", "num_layers": 1, "single_buffer": true,'
+                 b' "tensors": [{"dtype": "int64", "storage_cls": "TypedStorage"}]}'):
+        with pytest.raises(ValueError):
+            decode_handles(junk)
