@@ -111,6 +111,16 @@ class DecodeWorker:
     async def drain(self) -> None:
         self.draining = True
 
+    async def stop(self) -> None:
+        """Stop the loop, the reaper and the KV listener (in-process use and tests)."""
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.aengine is not None:
+            await self.aengine.stop()
+        if self.kv_server is not None:
+            self.kv_server.stop(0)
+
     # -- router API (bytes in, bytes out) -------------------------------------------------
     async def reserve(self, data: bytes) -> bytes:
         req = worker_pb2.ReserveRequest.FromString(data)

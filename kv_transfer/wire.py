@@ -164,10 +164,12 @@ def tensor_bytes(t: Tensor) -> np.ndarray:
 
 def plan_chunks(base: kv_pb2.KVChunkHeader, layer_start: int, layer_end: int,
                 block_ids: Sequence[int], kv: Tensor, first_chunk_index: int,
-                max_chunk_bytes: int, checksum: bool = True) -> list[tuple[kv_pb2.KVChunkHeader, Tensor]]:
-    """Headers plus contiguous payload tensors (on kv's device) for one send(). With
-    checksum=False the headers carry crc32c = 0 (only for tensor transports that have
-    their own integrity; the receiver then skips the crc checks)."""
+                max_chunk_bytes: int, checksum: bool = True,
+                contiguous: bool = True) -> list[tuple[kv_pb2.KVChunkHeader, Tensor]]:
+    """Headers plus payload tensors (on kv's device) for one send(): contiguous copies,
+    or views of kv with contiguous=False. With checksum=False the headers carry
+    crc32c = 0 (only for tensor transports that have their own integrity; the receiver
+    then skips the crc checks)."""
     _require_little_endian()
     n_layers = layer_end - layer_start
     if kv.dim() != 6 or kv.shape[0] != n_layers or kv.shape[1] != 2 or kv.shape[2] != len(block_ids):
@@ -178,7 +180,9 @@ def plan_chunks(base: kv_pb2.KVChunkHeader, layer_start: int, layer_end: int,
     unit = 2 * kv[0, 0, 0].numel() * kv.element_size()
     out = []
     for i, (l0, l1, b0, b1) in enumerate(split_ranges(n_layers, len(block_ids), unit, max_chunk_bytes)):
-        piece = kv[l0:l1, :, b0:b1].contiguous()
+        piece = kv[l0:l1, :, b0:b1]
+        if contiguous:
+            piece = piece.contiguous()
         h = kv_pb2.KVChunkHeader()
         h.CopyFrom(base)
         h.layer_start, h.layer_end = layer_start + l0, layer_start + l1
@@ -194,6 +198,9 @@ def plan_chunks(base: kv_pb2.KVChunkHeader, layer_start: int, layer_end: int,
     return out
 
 
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def encode_chunks(base: kv_pb2.KVChunkHeader, layer_start: int, layer_end: int,
                   block_ids: Sequence[int], kv: Tensor, first_chunk_index: int,
                   max_chunk_bytes: int) -> list[kv_pb2.KVChunk]:
@@ -203,8 +210,10 @@ def encode_chunks(base: kv_pb2.KVChunkHeader, layer_start: int, layer_end: int,
     kv = kv.detach().cpu()  # one device->host copy for the whole send
     chunks = []
     for h, piece in plan_chunks(base, layer_start, layer_end, block_ids, kv,
-                                first_chunk_index, max_chunk_bytes, checksum=False):
-        payload = tensor_bytes(piece).tobytes()
+                                first_chunk_index, max_chunk_bytes, checksum=False, contiguous=False):
+        # numpy packs the strided view straight into bytes: one copy per chunk, not two.
+        # An integer view of the same width carries bfloat16, which numpy lacks.
+        payload = piece.view(_SAME_WIDTH_INT[piece.element_size()]).numpy().tobytes()
         h.crc32c = crc32c(payload)
         chunks.append(kv_pb2.KVChunk(header=h, payload=payload))
     return chunks

@@ -35,11 +35,7 @@ class Deployment:
         await self.router.stop()
         if self.in_process:
             for w in [*self.prefill.values(), *self.decode.values()]:
-                if w.aengine is not None:
-                    await w.aengine.stop()
-                server = getattr(w, "kv_server", None)
-                if server is not None:
-                    server.stop(0)
+                await w.stop()
 
 
 def _free_port() -> int:

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import os
 import time
+from typing import Awaitable, Callable
 
 import google_crc32c  # noqa: F401 - imported for its side effect of failing early if absent
 
@@ -52,6 +53,11 @@ class PrefillWorker:
         self.first: dict[str, asyncio.Future] = {}
         self.draining = False
         self.engine.runner.set_layer_hook(self._on_layer)
+        # Phase gates (tests and fault drills): awaited as gate(phase, request_key) at
+        # "admitted", "first_token" (KV pushed or in flight), "kv_sent" (all chunks
+        # acknowledged, before the completion record) and "completed". A test places a
+        # kill, cancel or check at an exact phase instead of relying on timing.
+        self.gate: Callable[[str, str], Awaitable[None]] | None = None
 
     async def start(self, local_receivers: dict | None = None) -> bytes:
         """Idempotent: the router calls it again after a restart to re-attach."""
@@ -101,6 +107,12 @@ class PrefillWorker:
 
     async def drain(self) -> None:
         self.draining = True
+
+    async def stop(self) -> None:
+        if self.aengine is not None:
+            await self.aengine.stop()
+        if self.transport is not None:
+            self.transport.close()
 
     # -- engine thread --------------------------------------------------------------------
     def _on_layer(self, layer: int, seqs: list[Sequence]) -> None:
@@ -157,6 +169,7 @@ class PrefillWorker:
             except ValueError as e:
                 handle.abort()
                 return _reply(worker_pb2.WORKER_ERROR_INVALID, str(e))
+            await self._gate("admitted", key)
             timeout = self._remaining(task, self.spec.transfer_timeout_s * 4)
             try:
                 out: RequestOutput = await asyncio.wait_for(asyncio.shield(fut), timeout)
@@ -170,9 +183,11 @@ class PrefillWorker:
                         else worker_pb2.WORKER_ERROR_INTERNAL)
                 return _reply(code, out.error or f"prefill ended: {out.finish_reason}")
             t1 = time.monotonic()
+            await self._gate("first_token", key)
             tmo = self._remaining(task, self.spec.transfer_timeout_s)
             try:
                 summary = await asyncio.to_thread(handle.finish, tmo)
+                await self._gate("kv_sent", key)
                 record = worker_pb2.CompletionRecord(
                     request_id=task.request_id, attempt_id=task.attempt_id,
                     reservation_id=res.reservation_id, first_token_id=out.new_token_ids[0],
@@ -191,12 +206,17 @@ class PrefillWorker:
                 return _reply(worker_pb2.WORKER_ERROR_TRANSFER,
                               f"decode worker refused the KV: {kv_pb2.KVStatus.Name(ack.code)} "
                               f"{ack.error}")
+            await self._gate("completed", key)
             return worker_pb2.PrefillReply(
                 code=worker_pb2.WORKER_ERROR_NONE, record=record, prefill_seconds=t1 - t0,
                 transfer_seconds=time.monotonic() - t1).SerializeToString()
         finally:
             self.first.pop(key, None)
             self.exports.pop(key, None)
+
+    async def _gate(self, phase: str, key: str) -> None:
+        if self.gate is not None:
+            await self.gate(phase, key)
 
     async def abort(self, request_id: str, attempt_id: int) -> None:
         key = f"{request_id}/{attempt_id}"

@@ -81,9 +81,11 @@ class PipeControl:
         return kv_pb2.CompleteAck.FromString(self.conn.recv_bytes())
 
 
-def _transfer(transport, conn: mpc.Connection, caches, reservations: list[worker_pb2.Reservation]) -> list[kv_pb2.CompleteAck]:
+def _transfer(transport, caches, reservations: list[worker_pb2.Reservation]
+              ) -> list[kv_pb2.CompleteAck | TransferError]:
     """Push several attempts through one transport with their sends interleaved (they
-    share the per-D sender), then complete each in order."""
+    share the per-D sender), then finish and complete each in order; an attempt whose
+    finish() fails yields its TransferError (and, as in P, no Complete)."""
     handles = []
     for res in reservations:
         handles.append(transport.open(res, _req(res), res.attempt_id))
@@ -97,7 +99,8 @@ def _transfer(transport, conn: mpc.Connection, caches, reservations: list[worker
         try:
             s = h.finish(timeout=30.0)
         except TransferError as e:
-            raise AssertionError(f"finish failed for {_req(res)}: {e}") from e
+            acks.append(e)
+            continue
         record = worker_pb2.CompletionRecord(
             request_id=_req(res), attempt_id=res.attempt_id, reservation_id=res.reservation_id,
             first_token_id=7, num_prompt_tokens=res.num_tokens, kv_checksum=s.checksum,
@@ -154,7 +157,7 @@ class DSide:
             assert ready, "no CompletionRecord within 60s"
             for conn in ready:
                 record = worker_pb2.CompletionRecord.FromString(conn.recv_bytes())
-                conn.send_bytes(self.listener.complete(record).SerializeToString())
+                conn.send_bytes(self.receiver.complete(record).SerializeToString())
                 done += 1
 
     def check_blocks(self, res: worker_pb2.Reservation, source_seed: int) -> None:
@@ -188,8 +191,8 @@ def _pair_worker(rank: int, port: int, conn_p: mpc.Connection, conn_d: mpc.Conne
         transport = DistTransport(control=PipeControl(conn_p), device=device,
                                   max_chunk_bytes=CHUNK_BYTES)
         # two attempts in flight at once, one with D's prefix cache covering a block
-        acks = _transfer(transport, conn_p, caches, _recv_reservations(conn_p, 2))
-        assert all(a.ok for a in acks), acks
+        acks = _transfer(transport, caches, _recv_reservations(conn_p, 2))
+        assert all(isinstance(a, kv_pb2.CompleteAck) and a.ok for a in acks), acks
         if backend == "nccl":       # no crc on the device path (dist.py, CRC trade-off)
             transport.close()
             dist.destroy_process_group()
@@ -204,12 +207,13 @@ def _pair_worker(rank: int, port: int, conn_p: mpc.Connection, conn_d: mpc.Conne
                 tampered.append(header.chunk_index)
             return payload
         transport.tamper = flip
-        [bad] = _transfer(transport, conn_p, caches, _recv_reservations(conn_p, 1))
-        assert tampered == [1] and not bad.ok, bad
+        [bad] = _transfer(transport, caches, _recv_reservations(conn_p, 1))
+        assert tampered == [1], tampered
+        assert isinstance(bad, TransferError) and bad.code == kv_pb2.KV_STATUS_CORRUPT, bad
         transport.tamper = lambda h, p: p
         # the retry on the same stream still works: the bad chunk was drained
-        [good] = _transfer(transport, conn_p, caches, _recv_reservations(conn_p, 1))
-        assert good.ok, good
+        [good] = _transfer(transport, caches, _recv_reservations(conn_p, 1))
+        assert isinstance(good, kv_pb2.CompleteAck) and good.ok, good
         transport.close()
     else:                                               # D
         d = DSide(p_ranks=[0], device=device)
@@ -224,11 +228,8 @@ def _pair_worker(rank: int, port: int, conn_p: mpc.Connection, conn_d: mpc.Conne
             assert not any(t.is_alive() for t in d.listener._threads)
             dist.destroy_process_group()
             return
-        bad = d.reserve("bad", 1, 4)
-        conn_d.send_bytes(bad.SerializeToString())
-        d.serve_completes([conn_d], 1)
-        assert d.failed == {bad.reservation_id: kv_pb2.KV_STATUS_CORRUPT}, d.failed
-        retry = d.reserve("bad", 2, 4)
+        bad, retry = d.reserve("bad", 1, 4), d.reserve("bad", 2, 4)
+        conn_d.send_bytes(bad.SerializeToString())      # P's finish() fails: no Complete
         conn_d.send_bytes(retry.SerializeToString())
         d.serve_completes([conn_d], 1)
         d.check_blocks(retry, source_seed=100)
@@ -265,8 +266,8 @@ def _fan_in_worker(rank: int, port: int, conns: list[mpc.Connection]) -> None:
         transport = DistTransport(control=PipeControl(conns[rank]), max_chunk_bytes=CHUNK_BYTES)
         reservations = _recv_reservations(conns[rank], attempts)
         for res in reservations:                        # one at a time per P, both P at once
-            [ack] = _transfer(transport, conns[rank], caches, [res])
-            assert ack.ok, ack
+            [ack] = _transfer(transport, caches, [res])
+            assert isinstance(ack, kv_pb2.CompleteAck) and ack.ok, ack
         transport.close()
     else:                                               # D
         d = DSide(p_ranks=[0, 1])
@@ -290,3 +291,29 @@ def test_two_p_ranks_into_one_d_stay_framed() -> None:
     pipes = [ctx.Pipe() for _ in range(2)]
     conns = [pipes[0][0], pipes[1][0], pipes[0][1], pipes[1][1]]  # P0, P1, D's end for P0, P1
     _run_ranks(_fan_in_worker, 3, (_free_port(), conns))
+
+
+def test_frames_round_trip_and_misframing_fails_loudly() -> None:
+    from kv_transfer.dist import FRAME_BYTES, MAX_BLOCKS_PER_CHUNK, FrameKind, pack_frame, unpack_frame
+    # the largest header P builds: MAX_BLOCKS_PER_CHUNK of the largest ids, long ids
+    header = kv_pb2.KVChunkHeader(
+        request_id="r" * 64, attempt_id=2**63, reservation_id="f" * 32, layer_start=0,
+        layer_end=80, block_ids=[2**32 - 1] * MAX_BLOCKS_PER_CHUNK, dtype=kv_pb2.KV_DTYPE_BFLOAT16,
+        shape=[80, 2, MAX_BLOCKS_PER_CHUNK, 16, 8, 128], chunk_index=2**31, num_chunks=2**31,
+        payload_bytes=2**40, crc32c=2**32 - 1, compat_hash=2**64 - 1)
+    frame = pack_frame(FrameKind.CHUNK, header)
+    assert frame.dtype == torch.uint8 and frame.numel() == FRAME_BYTES
+    assert unpack_frame(frame) == (FrameKind.CHUNK, header)
+    assert unpack_frame(pack_frame(FrameKind.BYE)) == (FrameKind.BYE, kv_pb2.KVChunkHeader())
+    with pytest.raises(ValueError, match="not a KV frame"):     # a payload read as a frame
+        unpack_frame(torch.randn(FRAME_BYTES // 4).view(torch.uint8))
+    with pytest.raises(TransferError, match="does not fit"):
+        pack_frame(FrameKind.CHUNK, kv_pb2.KVChunkHeader(block_ids=[2**32 - 1] * 1000))
+
+
+def test_transport_needs_the_group() -> None:
+    import torch.distributed as dist
+    from kv_transfer.dist import DistTransport
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_kv_group"):
+        DistTransport(control=None)

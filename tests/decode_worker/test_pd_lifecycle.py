@@ -1,0 +1,172 @@
+"""The P/D hand-off scripted step by step on real workers (local transport):
+reserve → push → complete → decode → finish, and an abort at each step. After every
+step the test reads both workers' block pools."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from decode_worker.worker import DecodeWorker
+from pdserve.protocol import sampling_params_to_proto
+from pdserve.sampling.params import SamplingParams
+from pdserve.v1 import generation_pb2, worker_pb2
+from pdserve.worker_spec import WorkerSpec
+from prefill_worker.worker import PrefillWorker
+
+ROUTER = "router-test"
+PHASES = ["reserved", "admitted", "first_token", "kv_sent", "completed", "decoding"]
+
+
+@pytest.fixture(scope="module")
+def loop():
+    lp = asyncio.new_event_loop()
+    yield lp
+    lp.close()
+
+
+@pytest.fixture(scope="module")
+def workers(default_model_dir, loop):
+    base = dict(model=default_model_dir, dtype="float32", device="cpu", num_blocks=64,
+                transport="local", lease_s=30.0)
+    d = DecodeWorker(WorkerSpec(worker_id="decode-0", role="both", **base).to_json())
+    p = PrefillWorker(WorkerSpec(worker_id="prefill-0", role="prefill", **base).to_json())
+    loop.run_until_complete(d.start())
+    loop.run_until_complete(p.start(local_receivers={d.kv_endpoint: d.receiver}))
+    yield p, d
+    loop.run_until_complete(p.stop())
+    loop.run_until_complete(d.stop())
+
+
+def in_use(w) -> int:
+    return w.engine.pool.stats().in_use
+
+
+def prompt(tok):
+    return tok.encode("The history of the printing press begins with " * 4)
+
+
+async def reserve(d, rid, attempt, ids, params):
+    req = worker_pb2.ReserveRequest(request_id=rid, attempt_id=attempt, num_prompt_tokens=len(ids),
+                                    prompt_token_ids=ids, sampling=sampling_params_to_proto(params),
+                                    router_id=ROUTER)
+    rep = worker_pb2.ReserveReply.FromString(await d.reserve(req.SerializeToString()))
+    assert rep.code == worker_pb2.WORKER_ERROR_NONE, rep.error
+    return rep.reservation
+
+
+async def collect(d, rid, timeout=30.0):
+    ids, finish = [], None
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while finish is None and loop.time() < end:
+        batch = worker_pb2.DecodeOutputBatch.FromString(await d.poll(ROUTER, 0.5))
+        for o in batch.outputs:
+            if o.request_id == rid:
+                ids.extend(o.token_ids)
+                if o.finish_reason:
+                    finish = o.finish_reason
+    return ids, finish
+
+
+async def settle(*ws, timeout=1.0):
+    """Blocks back to zero on every worker within `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while any(in_use(w) for w in ws) and loop.time() < end:
+        await asyncio.sleep(0.02)
+    return [in_use(w) for w in ws]
+
+
+def test_full_lifecycle_with_block_checks(workers, loop, default_model_dir):
+    p, d = workers
+    tok = p.engine.tokenizer
+    ids = prompt(tok)
+    nblocks = -(-len(ids) // 16)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    seen: dict[str, tuple[int, int]] = {}
+
+    async def gate(phase, key):
+        seen[phase] = (in_use(p), in_use(d))
+    p.gate = gate
+
+    async def run():
+        res = await reserve(d, "r1", 1, ids, params)
+        seen["reserved"] = (in_use(p), in_use(d))
+        assert len(res.block_ids) == nblocks
+        task = worker_pb2.PrefillTask(request_id="r1", attempt_id=1, prompt_token_ids=ids,
+                                      sampling=sampling_params_to_proto(params), reservation=res)
+        reply = worker_pb2.PrefillReply.FromString(await p.prefill(task.SerializeToString()))
+        assert reply.code == worker_pb2.WORKER_ERROR_NONE, reply.error
+        out, finish = await collect(d, "r1")
+        return reply, out, finish
+
+    try:
+        reply, out, finish = loop.run_until_complete(run())
+    finally:
+        p.gate = None
+    # reserve: D holds the prompt's blocks, P holds nothing yet.
+    assert seen["reserved"] == (0, nblocks)
+    # admitted into P's engine (blocks are taken at its first step).
+    assert seen["admitted"][1] == nblocks
+    # first token: P's KV went out layer by layer during the forward pass; P freed its blocks.
+    assert seen["first_token"] == (0, nblocks)
+    assert seen["kv_sent"] == (0, nblocks)
+    assert seen["completed"][0] == 0 and seen["completed"][1] >= nblocks
+    assert reply.record.num_chunks >= 30 and reply.record.kv_bytes > 0
+    assert finish == generation_pb2.FINISH_REASON_LENGTH and len(out) == 8
+    ref = LLMRef.get(default_model_dir).generate([ids], params)[0].token_ids
+    assert out == ref
+    assert loop.run_until_complete(settle(p, d)) == [0, 0]
+
+
+class LLMRef:
+    _llm = None
+
+    @classmethod
+    def get(cls, model_dir):
+        if cls._llm is None:
+            from pdserve import LLM
+            cls._llm = LLM(model_dir, dtype="float32", device="cpu", num_blocks=64)
+        return cls._llm
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_abort_at_each_phase_frees_both_sides(workers, loop, phase):
+    p, d = workers
+    ids = prompt(p.engine.tokenizer)
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    rid = f"abort-{phase}"
+
+    async def abort_both():
+        await p.abort(rid, 1)
+        await d.abort(rid, 1)
+
+    async def gate(ph, key):
+        if ph == phase:
+            await abort_both()
+    p.gate = gate
+
+    async def run():
+        res = await reserve(d, rid, 1, ids, params)
+        if phase == "reserved":
+            await abort_both()
+        task = worker_pb2.PrefillTask(request_id=rid, attempt_id=1, prompt_token_ids=ids,
+                                      sampling=sampling_params_to_proto(params), reservation=res)
+        reply = worker_pb2.PrefillReply.FromString(await p.prefill(task.SerializeToString()))
+        if phase == "decoding":
+            assert reply.code == worker_pb2.WORKER_ERROR_NONE
+            await asyncio.sleep(0.2)
+            await abort_both()
+        return reply
+
+    try:
+        reply = loop.run_until_complete(run())
+    finally:
+        p.gate = None
+    if phase in ("reserved", "admitted", "first_token", "kv_sent"):
+        assert reply.code != worker_pb2.WORKER_ERROR_NONE   # the attempt failed cleanly
+    assert loop.run_until_complete(settle(p, d)) == [0, 0]
+    assert len(d.table) == 0 and not d.res_ids
+    # drain D's outbox for the next test
+    loop.run_until_complete(d.poll(ROUTER, 0.05))
