@@ -48,7 +48,7 @@ def _serve(conn: Connection, num_blocks: int) -> None:
             table.pop(rid)  # the previous attempt's entry: keep the table small
         entry = table.create("bench", 1, range(num_blocks), num_blocks * BLOCK_SIZE, 600.0)
         conn.send((entry.reservation_id, receiver.compat_hash))
-    server.stop(0)
+    server.stop(0).wait()  # let gRPC threads end before the process exits
 
 
 def main() -> None:

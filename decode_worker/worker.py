@@ -62,6 +62,14 @@ class DecodeWorker:
         self.table = ReservationTable()
         self.receiver = KVReceiver(self.engine.kv_caches, self.layout, self.compat_hash,
                                    self.table, self._on_complete, self._on_failed)
+        # What transports deliver into: the receiver, or a fault injector in front of it.
+        self.fault_plan = None
+        self.kv_receiver = self.receiver
+        if self.spec.faults:
+            from kv_transfer.faults import FaultPlan, FaultyReceiver
+            self.fault_plan = FaultPlan.from_json(self.spec.faults)
+            if self.fault_plan.kind in ("corrupt", "duplicate", "late_complete"):
+                self.kv_receiver = FaultyReceiver(self.receiver, self.fault_plan)
         self.kv_server = None
         self.kv_endpoint = ""
         self.dist_listener = None
@@ -81,14 +89,14 @@ class DecodeWorker:
             self.kv_endpoint = f"local:{self.spec.worker_id}"
         else:
             from kv_transfer.grpc_transport import serve_kv
-            self.kv_server, port = serve_kv(self.receiver, host, 0, self.spec.secret or None)
+            self.kv_server, port = serve_kv(self.kv_receiver, host, 0, self.spec.secret or None)
             self.kv_endpoint = f"{host}:{port}"
         if self.spec.transport == "nccl" and self.spec.dist.world_size > 0:
             from kv_transfer import dist
             dist.init_kv_group(self.spec.dist.backend, self.spec.dist.init_method,
                                self.spec.dist.world_size, self.spec.dist.rank)
             peers = [r for r in range(self.spec.dist.world_size) if r != self.spec.dist.rank]
-            self.dist_listener = dist.DistKVListener(self.receiver, peers, self.engine.device)
+            self.dist_listener = dist.DistKVListener(self.kv_receiver, peers, self.engine.device)
         self._tasks.append(asyncio.create_task(self._reaper()))
         return self.info().SerializeToString()
 
@@ -211,6 +219,8 @@ class DecodeWorker:
         st = dict(self.engine.stats())
         st["reservations"] = len(self.table)
         st["requests"] = len(self.routes)
+        if self.fault_plan is not None:
+            st["faults_injected"] = dict(self.fault_plan.injected)
         return st
 
     # -- engine outputs -------------------------------------------------------------------

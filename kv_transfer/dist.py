@@ -35,8 +35,8 @@ so headers carry crc32c = 0 and D verifies ids, chunk count, bytes and block cov
 Complete but not the bytes (KVReceiver skips crc when it is 0).
 
 Shutdown: a thread blocked in recv from a remote rank cannot be woken from the local
-process. P's close() sends BYE to every D it talked to (and to `bye_ranks`); D threads
-are daemons, so a D whose P died without BYE still exits.
+process. P's close() sends BYE to every D it talked to (`peer_ranks` are PINGed at
+start-up); D threads are daemons, so a D whose P died without BYE still exits.
 
 Timeouts: the group timeout bounds every pending op, D's idle recv included: gloo closes
 the pair when it expires and NCCL's watchdog tears the process down. So it must exceed
@@ -83,6 +83,7 @@ class FrameKind(IntEnum):
     CHUNK = 1   # a payload follows
     END = 2     # the attempt's chunks are all before this frame; D acks it
     BYE = 3     # the sender closes; D's thread for it exits
+    PING = 4    # no-op: builds the pair's NCCL communicator at start-up
 
 
 def init_kv_group(backend: Literal["nccl", "gloo"], init_method: str, world_size: int, rank: int,
@@ -156,8 +157,9 @@ class ControlChannel(Protocol):
                  timeout: float) -> kv_pb2.CompleteAck: ...
 
 
-# (handle, kind, header, payload, event the payload's producer stream recorded)
-_Item = tuple["DistSendHandle", FrameKind, kv_pb2.KVChunkHeader, "Tensor | None", "torch.cuda.Event | None"]
+# (handle or None for PING, kind, header, payload, event the payload's producer recorded)
+_Item = tuple["DistSendHandle | None", FrameKind, kv_pb2.KVChunkHeader | None, "Tensor | None",
+              "torch.cuda.Event | None"]
 
 
 class _PeerSender:
@@ -178,22 +180,27 @@ class _PeerSender:
         with _stream_ctx(self._stream):
             while (item := self.queue.get()) is not None:
                 handle, kind, header, payload, event = item
-                if self.error is not None or (handle.aborted and kind is FrameKind.CHUNK):
-                    handle._done(self.error)    # never started: skipping keeps the stream framed
+                if self.error is not None or (handle is not None and handle.aborted
+                                              and kind is FrameKind.CHUNK):
+                    if handle is not None:      # never started: skipping keeps the stream framed
+                        handle._done(self.error)
                     continue
                 self.busy_since = time.monotonic()
                 try:
-                    handle._done(None, self._send(kind, header, payload, event))
-                except Exception as e:           # pair closed, peer gone
+                    ack = self._send(kind, header, payload, event)
+                    error = None
+                except Exception as e:          # pair closed, peer gone, misframed ack
                     logger.error("KV stream to rank %d broken: %s", self.dst, e)
-                    self.error = TransferError(f"KV stream to rank {self.dst} broken: {e}")
-                    handle._done(self.error)
+                    self.error = error = TransferError(f"KV stream to rank {self.dst} broken: {e}")
+                    ack = None
+                if handle is not None:
+                    handle._done(error, ack)
                 self.busy_since = 0.0
             if self.error is None:
                 with contextlib.suppress(Exception):
                     dist.send(pack_frame(FrameKind.BYE).to(self.device), self.dst, tag=_TAG_FRAME)
 
-    def _send(self, kind: FrameKind, header: kv_pb2.KVChunkHeader, payload: Tensor | None,
+    def _send(self, kind: FrameKind, header: kv_pb2.KVChunkHeader | None, payload: Tensor | None,
               event: torch.cuda.Event | None) -> list[int] | None:
         if event is not None and self._stream is not None:
             self._stream.wait_event(event)  # the payload was written on the engine's stream
@@ -201,8 +208,12 @@ class _PeerSender:
         if payload is not None:
             dist.send(payload, self.dst, tag=_TAG_PAYLOAD)
         if kind is FrameKind.END:
+            assert header is not None
             dist.recv(self._ack, self.dst, tag=_TAG_ACK)
-            return self._ack.tolist()       # on CUDA, waits for the recv
+            ack = self._ack.tolist()        # on CUDA: waits for the recv
+            if ack[3] != header.attempt_id:
+                raise ValueError(f"ack for attempt {ack[3]}, expected {header.attempt_id}")
+            return ack
         if self._stream is not None:
             self._stream.synchronize()      # the payload may be freed or reused after this
         return None
@@ -241,8 +252,8 @@ class DistSendHandle(KVSendHandle):
                                         self._ledger.next_index, max_bytes, checksum=on_host)
         event = None
         if not on_host:
-            event = torch.cuda.Event()
-            event.record()              # the sender's stream waits for the copies above
+            event = torch.cuda.Event()  # the sender's stream waits for the copies above
+            event.record(torch.cuda.current_stream(self._sender.device))
         for header, piece, ev in self._ledger.push([(h, p, event) for h, p in chunks]):
             self._enqueue(FrameKind.CHUNK, header, self._t.tamper(header, piece), ev)
 
@@ -300,13 +311,14 @@ class DistSendHandle(KVSendHandle):
 class DistTransport(KVTransport):
     """P side. D's rank: `rank_of(reservation)`, by default transport_params["rank"].
     Completion records go through `control` (gRPC Complete) or, in tests, straight to
-    `local_receivers[rank]`."""
+    `local_receivers[rank]`. `peer_ranks`: the D ranks this P may send to, connected at
+    construction and told BYE at close() (D ranks reached otherwise are told BYE too)."""
     name = "nccl"
 
     def __init__(self, rank_of: Callable[[worker_pb2.Reservation], int] | None = None,
                  control: ControlChannel | None = None, *,
                  local_receivers: Mapping[int, CompletionSink] | None = None,
-                 device: torch.device | str | None = None, bye_ranks: tuple[int, ...] = (),
+                 device: torch.device | str | None = None, peer_ranks: tuple[int, ...] = (),
                  queue_frames: int = 64, enqueue_timeout_s: float = 30.0,
                  max_chunk_bytes: int = MAX_CHUNK_BYTES) -> None:
         if not dist.is_initialized():
@@ -316,12 +328,16 @@ class DistTransport(KVTransport):
         self._rank_of = rank_of or (lambda r: int(r.transport_params["rank"]))
         self._control, self._local = control, dict(local_receivers or {})
         self._device = _wire_device(device)
-        self._queue_frames, self._bye_ranks = queue_frames, bye_ranks
+        self._queue_frames, self._peer_ranks = queue_frames, peer_ranks
         self.enqueue_timeout_s, self.max_chunk_bytes = enqueue_timeout_s, max_chunk_bytes
         self._senders: dict[int, _PeerSender] = {}
         self._lock = threading.Lock()
         # Test hook: (header, payload) -> the payload actually sent (fault injection).
         self.tamper: Callable[[kv_pb2.KVChunkHeader, Tensor], Tensor] = lambda h, p: p
+        for rank in peer_ranks:
+            # connect now: NCCL builds a pair's communicator on its first op, which would
+            # otherwise land in the first request's time to first token
+            self._sender(rank).queue.put((None, FrameKind.PING, None, None, None))
 
     def _sender(self, rank: int) -> _PeerSender:
         if rank == dist.get_rank() or not 0 <= rank < dist.get_world_size():
@@ -351,9 +367,7 @@ class DistTransport(KVTransport):
         return self._local[self._rank_of(reservation)].complete(record)
 
     def close(self, timeout: float = 10.0) -> None:
-        """BYE to every D this transport talked to and to bye_ranks; stop the threads."""
-        for rank in self._bye_ranks:
-            self._sender(rank)
+        """BYE to every D this transport talked to; stop the threads."""
         with self._lock:
             senders, self._senders = list(self._senders.values()), {}
         deadline = time.monotonic() + timeout
@@ -418,6 +432,8 @@ class DistKVListener:
         kind, header = unpack_frame(frame.cpu())    # on CUDA: waits for the recv
         if kind is FrameKind.BYE:
             return False
+        if kind is FrameKind.PING:
+            return True
         key = (header.request_id, header.attempt_id)
         state = attempts.pop(key, None) or [kv_pb2.KV_STATUS_OK, 0, 0]
         if kind is FrameKind.END:

@@ -30,7 +30,7 @@ from torch import Tensor
 from kv_transfer.base import (MAX_CHUNK_BYTES, KVSendHandle, KVTransport, SendSummary, TransferError,
                               register)
 from kv_transfer.receiver import KVReceiver
-from kv_transfer.wire import SendLedger, encode_chunks, header_base, target_block_ids
+from kv_transfer.wire import SendLedger, WireChunk, encode_chunks, header_base, parse_chunk, target_block_ids
 from pdserve.v1 import kv_pb2, kv_pb2_grpc, worker_pb2
 
 logger = logging.getLogger(__name__)
@@ -86,24 +86,38 @@ class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
             logger.warning("KV call from %s without a valid shared secret", context.peer())
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong x-pdserve-secret")
 
-    def Push(self, request_iterator: Iterator[kv_pb2.KVChunk],
+    def Push(self, request_iterator: Iterator[kv_pb2.KVChunk | WireChunk],
              context: grpc.ServicerContext) -> kv_pb2.KVPushAck:
         self._authenticate(context)  # before reading any chunk
         accepted, nbytes = 0, 0
         for chunk in request_iterator:
-            code, message = self._receiver.receive(chunk.header, chunk.payload)
+            payload = chunk.payload  # once: on a protobuf KVChunk each access copies
+            code, message = self._receiver.receive(chunk.header, payload)
             if code != kv_pb2.KV_STATUS_OK:
                 # stop reading: the attempt has failed; returning ends the stream
                 return kv_pb2.KVPushAck(accepted_chunks=accepted, accepted_bytes=nbytes,
                                         error=message, code=code)
             accepted += 1
-            nbytes += len(chunk.payload)
+            nbytes += len(payload)
         return kv_pb2.KVPushAck(accepted_chunks=accepted, accepted_bytes=nbytes, code=kv_pb2.KV_STATUS_OK)
 
     def Complete(self, request: worker_pb2.CompletionRecord,
                  context: grpc.ServicerContext) -> kv_pb2.CompleteAck:
         self._authenticate(context)
         return self._receiver.complete(request)
+
+
+def _handlers(servicer: KVTransferServicer) -> grpc.GenericRpcHandler:
+    """The generated registration, except that Push parses chunks with parse_chunk
+    (payload as a zero-copy view) instead of KVChunk.FromString."""
+    return grpc.method_handlers_generic_handler("pdserve.v1.KVTransfer", {
+        "Push": grpc.stream_unary_rpc_method_handler(
+            servicer.Push, request_deserializer=parse_chunk,
+            response_serializer=kv_pb2.KVPushAck.SerializeToString),
+        "Complete": grpc.unary_unary_rpc_method_handler(
+            servicer.Complete, request_deserializer=worker_pb2.CompletionRecord.FromString,
+            response_serializer=kv_pb2.CompleteAck.SerializeToString),
+    })
 
 
 def serve_kv(receiver: KVReceiver, host: str, port: int = 0, secret: str | None = None,
@@ -118,7 +132,7 @@ def serve_kv(receiver: KVReceiver, host: str, port: int = 0, secret: str | None 
         logger.warning("KV listener on %s has no shared secret: any peer may push KV", host)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers, thread_name_prefix="pdserve-kv"),
                          options=channel_options(max_chunk_bytes) + _SERVER_KEEPALIVE)
-    kv_pb2_grpc.add_KVTransferServicer_to_server(KVTransferServicer(receiver, secret), server)
+    server.add_generic_rpc_handlers((_handlers(KVTransferServicer(receiver, secret)),))
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)

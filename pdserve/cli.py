@@ -87,6 +87,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None, help="require this API key (or set PDSERVE_API_KEY)")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--cpus-per-worker", type=float, default=0.5)
+    p.add_argument("--prefill-ray-resource", default=None,
+                   help="custom Ray resource a prefill worker needs (pins them to a node group, e.g. pdserve_prefill)")
+    p.add_argument("--decode-ray-resource", default=None,
+                   help="custom Ray resource a decode worker needs (e.g. pdserve_decode)")
     p.add_argument("--gpus-per-worker", type=float, default=None,
                    help="GPUs per worker actor (default: 1 when CUDA is present, 0.5 with --transport ipc)")
 

@@ -63,15 +63,17 @@ def make_specs(base: WorkerSpec, n_prefill: int, n_decode: int, mode: str) -> li
 
 
 async def deploy_in_process(base: WorkerSpec, n_prefill: int, n_decode: int,
-                            router_config: RouterConfig) -> Deployment:
+                            router_config: RouterConfig,
+                            faults: dict[str, str] | None = None) -> Deployment:
     """All workers in this process (each with its own engine thread). Supports the
-    local and grpc transports."""
+    local and grpc transports. `faults` maps a worker id to a FaultPlan JSON."""
     specs = make_specs(base, n_prefill, n_decode, router_config.mode)
+    specs = [replace(s, faults=(faults or {}).get(s.worker_id, s.faults)) for s in specs]
     prefill = {s.worker_id: PrefillWorker(s.to_json()) for s in specs if s.role == "prefill"}
     decode = {s.worker_id: DecodeWorker(s.to_json()) for s in specs if s.role != "prefill"}
     for d in decode.values():
         await d.start()
-    receivers = {d.kv_endpoint: d.receiver for d in decode.values()}
+    receivers = {d.kv_endpoint: d.kv_receiver for d in decode.values()}
     for p in prefill.values():
         await p.start(local_receivers=receivers if base.transport == "local" else None)
     router = Router(router_config,
@@ -83,7 +85,8 @@ async def deploy_in_process(base: WorkerSpec, n_prefill: int, n_decode: int,
 
 async def deploy_ray(base: WorkerSpec, n_prefill: int, n_decode: int,
                      router_config: RouterConfig, cpus_per_worker: float = 0.5,
-                     gpus_per_worker: float = 0.0) -> Deployment:
+                     gpus_per_worker: float = 0.0,
+                     role_resources: dict[str, str] | None = None) -> Deployment:
     """Workers as named Ray actors (ray.init must have run). An ipc/nccl pair is kept on
     one host by a STRICT_PACK placement group."""
     import ray
@@ -109,6 +112,10 @@ async def deploy_ray(base: WorkerSpec, n_prefill: int, n_decode: int,
                                     max_restarts=-1, max_task_retries=0,
                                     num_cpus=cpus_per_worker, num_gpus=gpus_per_worker,
                                     max_concurrency=1000, get_if_exists=False)
+        res_name = (role_resources or {}).get("prefill" if s.role == "prefill" else "decode")
+        if res_name:
+            # One unit of a custom resource that only that role's node group advertises.
+            opts["resources"] = {res_name: 1}
         if strategy is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 placement_group=strategy, placement_group_bundle_index=i)

@@ -91,7 +91,9 @@ async def serve_main(args: argparse.Namespace, ready: asyncio.Event | None = Non
             gpus = 0.0 if not torch.cuda.is_available() or args.device == "cpu" else (
                 0.5 if transport == "ipc" else 1.0)
         dep = await deploy_ray(spec, args.prefill, args.decode, cfg,
-                               cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus)
+                               cpus_per_worker=args.cpus_per_worker, gpus_per_worker=gpus,
+                               role_resources={"prefill": args.prefill_ray_resource,
+                                               "decode": args.decode_ray_resource})
     max_len = min(w.info.max_model_len for w in dep.router.decode.values())
     tokenizer = Tokenizer(model_dir)
     servers = await start_frontends(dep.router, tokenizer, spec.model_name, max_len, args)

@@ -41,6 +41,7 @@ class WorkerSpec:
     lease_s: float = 30.0            # decode reservation lease
     transfer_timeout_s: float = 30.0
     dist: DistSpec = field(default_factory=DistSpec)
+    faults: str = ""                 # a kv_transfer.faults.FaultPlan as JSON (tests, drills)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "both"):

@@ -52,6 +52,7 @@ class PrefillWorker:
         self.exports: dict[str, tuple[KVSendHandle, int]] = {}
         self.first: dict[str, asyncio.Future] = {}
         self.draining = False
+        self.fault_plan = None
         self.engine.runner.set_layer_hook(self._on_layer)
         # Phase gates (tests and fault drills): awaited as gate(phase, request_key) at
         # "admitted", "first_token" (KV pushed or in flight), "kv_sent" (all chunks
@@ -70,6 +71,12 @@ class PrefillWorker:
         self.aengine = AsyncEngine(self.engine, on_fatal=self._fatal, sink=self._sink)
         self.aengine.start()
         self.transport = self._make_transport(local_receivers)
+        self.fault_plan = None
+        if self.spec.faults:
+            from kv_transfer.faults import FaultPlan, FaultyTransport
+            self.fault_plan = FaultPlan.from_json(self.spec.faults)
+            if self.fault_plan.kind in ("reset", "delay", "stall", "drop"):
+                self.transport = FaultyTransport(self.transport, self.fault_plan)
         self._info = worker_pb2.WorkerInfo(
             worker_id=self.spec.worker_id, role=worker_pb2.ROLE_PREFILL,
             compat_hash=self.compat_hash, block_size=self.engine.block_size,
@@ -239,6 +246,8 @@ class PrefillWorker:
     async def stats(self) -> dict:
         st = dict(self.engine.stats())
         st["exports"] = len(self.exports)
+        if self.fault_plan is not None:
+            st["faults_injected"] = dict(self.fault_plan.injected)
         return st
 
     @staticmethod

@@ -263,7 +263,8 @@ def _fan_in_worker(rank: int, port: int, conns: list[mpc.Connection]) -> None:
     attempts = 3
     if rank < 2:                                        # two P ranks, each its own seed
         caches = _caches(P_BLOCKS, seed=200 + rank)
-        transport = DistTransport(control=PipeControl(conns[rank]), max_chunk_bytes=CHUNK_BYTES)
+        transport = DistTransport(control=PipeControl(conns[rank]), max_chunk_bytes=CHUNK_BYTES,
+                                  peer_ranks=(2,))      # connects (PING) before any request
         reservations = _recv_reservations(conns[rank], attempts)
         for res in reservations:                        # one at a time per P, both P at once
             [ack] = _transfer(transport, caches, [res])
