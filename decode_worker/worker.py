@@ -55,6 +55,9 @@ class DecodeWorker:
         self.routes: dict[str, tuple[str, str, int, int]] = {}  # key -> (router, rid, attempt, n_sent)
         self.deadlines: dict[str, float] = {}                   # key -> unix seconds
         self.res_ids: dict[str, str] = {}                       # key -> live reservation id
+        # Attempts the router ended while their reserve() was still in flight: the
+        # reservation must not be created after the abort (bounded FIFO of keys).
+        self.ended: dict[str, None] = {}
         mc = self.engine.model_config
         self.layout = KVLayout(mc.num_hidden_layers, self.engine.block_size,
                                mc.num_key_value_heads, mc.head_dim, self.engine.dtype)
@@ -144,6 +147,9 @@ class DecodeWorker:
             return _reserve_error(worker_pb2.WORKER_ERROR_INVALID, str(e))
         if blocks is None:
             return _reserve_error(worker_pb2.WORKER_ERROR_NO_CAPACITY, "no free KV blocks")
+        if key in self.ended:
+            # Aborted while we waited for the engine; the abort already freed the blocks.
+            return _reserve_error(worker_pb2.WORKER_ERROR_CANCELLED, "attempt was aborted")
         lease_s = req.lease_ms / 1000 if req.lease_ms else self.spec.lease_s
         entry = self.table.create(request_id=req.request_id, attempt_id=req.attempt_id,
                                   block_ids=tuple(blocks), num_tokens=len(prompt),
@@ -187,6 +193,9 @@ class DecodeWorker:
         """End an attempt here (cancel, deadline, failed prefill): frees its blocks or
         reservation; late KV for it is then rejected by the receiver."""
         key = f"{request_id}/{attempt_id}"
+        self.ended[key] = None
+        if len(self.ended) > 10_000:
+            self.ended.pop(next(iter(self.ended)))
         res_id = self.res_ids.pop(key, None)
         if res_id is not None:
             # Fail first: a chunk still in flight for this attempt is then rejected and

@@ -211,8 +211,10 @@ class GrpcSendHandle(KVSendHandle):
         self._ledger: SendLedger[kv_pb2.KVChunk] = SendLedger(lambda c: c.header)
         self._queue: queue.Queue[object] = queue.Queue(maxsize=transport.queue_chunks)
         self._done = threading.Event()      # the call has ended (ack, error or cancel)
+        self._lease_ms = reservation.lease_expiry_unix_ms   # D's wall clock
         self._aborted = False
         self._stalled = False
+        self._error: TransferError | None = None
         self._summary: SendSummary | None = None
         self._call = stub.Push.future(self._requests(), metadata=transport.metadata(),
                                       timeout=transport.stream_timeout_s)
@@ -256,6 +258,12 @@ class GrpcSendHandle(KVSendHandle):
             raise RuntimeError("send() after finish()")
         if self._aborted or self._done.is_set():
             return  # the call already ended; finish() reports why
+        if self._lease_ms and time.time() * 1000 > self._lease_ms:
+            # D refuses it anyway (by its own clock); stop spending bandwidth on it
+            self._error = TransferError("reservation lease expired before the KV was sent",
+                                        kv_pb2.KV_STATUS_EXPIRED)
+            self._call.cancel()
+            return
         chunks = encode_chunks(self._base, layer_start, layer_end, self._block_ids, kv,
                                self._ledger.next_index, self._t.max_chunk_bytes)
         deadline = time.monotonic() + self._t.send_timeout_s
@@ -268,6 +276,8 @@ class GrpcSendHandle(KVSendHandle):
             return self._summary
         if self._aborted:
             raise TransferError("transfer aborted")
+        if self._error is not None:
+            raise self._error
         deadline = time.monotonic() + timeout
         held = self._ledger.finish()
         if held is None or self._put(held, deadline):
@@ -278,8 +288,8 @@ class GrpcSendHandle(KVSendHandle):
             self._call.cancel()
             raise TransferError(f"no KVPushAck within {timeout:.1f}s") from None
         except grpc.FutureCancelledError:
-            why = f"D did not drain chunks for {self._t.send_timeout_s:.1f}s" if self._stalled else "cancelled"
-            raise TransferError(f"Push {why}") from None
+            why = "D stopped draining chunks (queue full past the deadline)" if self._stalled else "cancelled"
+            raise TransferError(f"Push: {why}") from None
         except grpc.RpcError as e:
             raise TransferError(f"Push: {_describe(e)}", _code_of(e)) from e
         if ack.code != kv_pb2.KV_STATUS_OK:

@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 IPC_FORMAT = "pdserve-ipc-v1"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _BYTES_FIELDS = ("handle", "ref_counter_handle", "event_handle")
+_FIELDS = frozenset(("size", "stride", "offset", "storage_cls", "dtype", "device",
+                     "storage_size_bytes", "storage_offset_bytes", "ref_counter_offset",
+                     "event_sync_required", *_BYTES_FIELDS))
 
 
 def _b64(b: bytes | None) -> str | None:
@@ -117,6 +120,8 @@ def decode_handles(blob: bytes) -> dict[str, Any]:
     if not isinstance(tensors, list) or not tensors or len(tensors) != want:
         raise ValueError(f"export lists {len(tensors or [])} tensors, expected {want}")
     for t in tensors:
+        if not isinstance(t, dict) or not all(k in t for k in _FIELDS):
+            raise ValueError(f"tensor entry lacks fields {sorted(_FIELDS)}")
         if t.get("dtype") not in _DTYPES or t.get("storage_cls") not in ("TypedStorage", "UntypedStorage"):
             raise ValueError(f"unsupported tensor entry: dtype {t.get('dtype')}, "
                              f"storage {t.get('storage_cls')}")

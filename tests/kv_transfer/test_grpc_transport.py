@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kv_transfer import grpc_transport
-from kv_transfer.base import TRANSPORTS, TransferError
+from kv_transfer.base import TRANSPORTS, SendSummary, TransferError
 from kv_transfer.grpc_transport import SECRET_METADATA_KEY, GrpcTransport, serve_kv
 from kv_transfer.layout import KVLayout, gather_blocks
 from kv_transfer.receiver import KVReceiver
@@ -85,15 +85,15 @@ def prefill_caches(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(kv[l, 0], kv[l, 1]) for l in range(LAYOUT.num_layers)]
 
 
-def record_for(reservation: worker_pb2.Reservation, summary: object) -> worker_pb2.CompletionRecord:
+def record_for(reservation: worker_pb2.Reservation, summary: SendSummary) -> worker_pb2.CompletionRecord:
     return worker_pb2.CompletionRecord(
         request_id="req-1", attempt_id=2, reservation_id=reservation.reservation_id, first_token_id=5,
-        num_prompt_tokens=reservation.num_tokens, kv_checksum=summary.checksum,  # type: ignore[attr-defined]
-        num_chunks=summary.num_chunks, kv_bytes=summary.num_bytes)  # type: ignore[attr-defined]
+        num_prompt_tokens=reservation.num_tokens, kv_checksum=summary.checksum,
+        num_chunks=summary.num_chunks, kv_bytes=summary.num_bytes)
 
 
 def push_all(transport: GrpcTransport, reservation: worker_pb2.Reservation,
-             p_caches: list[tuple[torch.Tensor, torch.Tensor]], timeout: float = 10.0) -> object:
+             p_caches: list[tuple[torch.Tensor, torch.Tensor]], timeout: float = 10.0) -> SendSummary:
     handle = transport.open(reservation, "req-1", 2)
     for layer in range(LAYOUT.num_layers):
         handle.send(layer, layer + 1, gather_blocks(p_caches, layer, layer + 1, P_BLOCKS))
@@ -108,7 +108,7 @@ def test_full_transfer_over_grpc(decode: Decode) -> None:
     transport = GrpcTransport(secret=SECRET, max_chunk_bytes=2 * per_block + 100)  # 2 blocks per chunk
     try:
         summary = push_all(transport, reservation, p_caches)
-        assert summary.num_chunks == 9 and entry.state is ReservationState.RECEIVED  # type: ignore[attr-defined]
+        assert summary.num_chunks == 9 and entry.state is ReservationState.RECEIVED
         ack = transport.complete(reservation, record_for(reservation, summary), timeout=5)
         assert ack.ok and decode.completed == [entry] and decode.failed == []
         got = gather_blocks(decode.caches, 0, LAYOUT.num_layers, D_BLOCKS)
@@ -170,7 +170,8 @@ def test_bit_flip_after_encoding_is_corrupt(decode: Decode, monkeypatch: pytest.
     assert not torch.stack(decode.caches[1]).any()   # the corrupted layer never landed
 
 
-def test_backpressure_keeps_the_client_queue_bounded(big_decode: Decode, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_backpressure_keeps_the_client_queue_bounded(big_decode: Decode,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     real = big_decode.receiver.receive
     delay = 0.03
 
@@ -203,7 +204,7 @@ def test_backpressure_keeps_the_client_queue_bounded(big_decode: Decode, monkeyp
         stop.set()
         sampler.join()
         transport.close()
-    assert summary.num_chunks == 32 and entry.chunks_received == 32  # type: ignore[attr-defined]
+    assert summary.num_chunks == 32 and entry.chunks_received == 32
     assert max(depth) <= 2
     # gRPC and TCP buffer a few chunks beyond the queue; the rest waited for D
     assert send_s >= 0.3, f"send() returned after {send_s:.2f}s of {total_s:.2f}s: no backpressure"
@@ -222,7 +223,7 @@ def test_stalled_decode_fails_the_send_instead_of_hanging(big_decode: Decode,
         handle = transport.open(reservation, "req-1", 2)
         start = time.monotonic()
         handle.send(0, 2, torch.randn(BIG.payload_shape(2, 128)).to(torch.bfloat16))
-        with pytest.raises(TransferError, match="did not drain"):
+        with pytest.raises(TransferError, match="stopped draining"):
             handle.finish(5)
         assert time.monotonic() - start < 3
     finally:
@@ -308,3 +309,15 @@ def test_no_thread_growth_over_many_transfers(decode: Decode) -> None:
         assert threading.active_count() <= baseline + 2
     finally:
         transport.close()
+
+
+def test_sender_stops_after_the_lease(decode: Decode) -> None:
+    entry, reservation = decode.reserve()
+    reservation.lease_expiry_unix_ms = int(time.time() * 1000) - 1
+    transport = GrpcTransport(secret=SECRET)
+    try:
+        with pytest.raises(TransferError) as e:
+            push_all(transport, reservation, prefill_caches())
+    finally:
+        transport.close()
+    assert e.value.code == kv_pb2.KV_STATUS_EXPIRED and entry.chunks_received == 0

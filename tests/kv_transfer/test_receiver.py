@@ -56,13 +56,15 @@ class Harness:
         return gather_blocks(self.caches, 0, LAYOUT.num_layers, entry.block_ids[entry.num_cached_blocks:])
 
 
-def transfer(entry: ReservationEntry, seed: int = 0, max_bytes: int = 2 * COLUMN) -> tuple[list[kv_pb2.KVChunk], torch.Tensor]:
+def transfer(entry: ReservationEntry, seed: int = 0,
+             max_bytes: int = 2 * COLUMN) -> tuple[list[kv_pb2.KVChunk], torch.Tensor]:
     """P's side: all layers of the entry's writable blocks, 2 blocks per chunk."""
     n = len(entry.block_ids) - entry.num_cached_blocks
     kv = torch.randn(LAYOUT.payload_shape(LAYOUT.num_layers, n), generator=torch.Generator().manual_seed(seed))
     base = kv_pb2.KVChunkHeader(request_id=entry.request_id, attempt_id=entry.attempt_id,
                                 reservation_id=entry.reservation_id, compat_hash=HASH)
-    chunks = encode_chunks(base, 0, LAYOUT.num_layers, entry.block_ids[entry.num_cached_blocks:], kv, 0, max_bytes)
+    d_ids = entry.block_ids[entry.num_cached_blocks:]
+    chunks = encode_chunks(base, 0, LAYOUT.num_layers, d_ids, kv, 0, max_bytes)
     return chunks, kv
 
 
@@ -122,7 +124,8 @@ REJECTIONS: list[tuple[str, Callable[[kv_pb2.KVChunk, Harness], None], int, bool
     ("forged_num_chunks", _set("num_chunks", 1), kv_pb2.KV_STATUS_INVALID, True),
     ("bit_flip", lambda c, d: setattr(c, "payload", c.payload[:9] + bytes([c.payload[9] ^ 4]) + c.payload[10:]),
      kv_pb2.KV_STATUS_CORRUPT, True),
-    ("crc_field", lambda c, d: setattr(c.header, "crc32c", c.header.crc32c ^ 1), kv_pb2.KV_STATUS_CORRUPT, True),
+    ("crc_field", lambda c, d: setattr(c.header, "crc32c", c.header.crc32c ^ 1),
+     kv_pb2.KV_STATUS_CORRUPT, True),
     ("chunk_index_gap", _set("chunk_index", 2), kv_pb2.KV_STATUS_CORRUPT, True),
     ("chunk_index_repeat", _set("chunk_index", 0), kv_pb2.KV_STATUS_CORRUPT, True),
 ]
@@ -244,7 +247,10 @@ def test_complete_unknown_stale_expired() -> None:
 
 def test_on_complete_raising_fails_the_attempt_once() -> None:
     d = Harness()
-    d.receiver._on_complete = lambda e, r: (_ for _ in ()).throw(RuntimeError("batch full"))  # type: ignore[assignment]
+    def full(entry: ReservationEntry, record: worker_pb2.CompletionRecord) -> kv_pb2.CompleteAck:
+        raise RuntimeError("batch full")
+
+    d.receiver._on_complete = full
     entry = d.reserve()
     chunks, _ = transfer(entry)
     for c in chunks:
@@ -313,7 +319,8 @@ def test_pop_waits_for_a_chunk_being_written(monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(receiver_mod, "scatter_blocks", slow_scatter)
     results: dict[str, object] = {}
-    writer = threading.Thread(target=lambda: results.update(code=d.receiver.receive(chunks[0].header, chunks[0].payload)))
+    writer = threading.Thread(
+        target=lambda: results.update(code=d.receiver.receive(chunks[0].header, chunks[0].payload)))
     popper = threading.Thread(target=lambda: results.update(popped=d.table.pop(entry.reservation_id)))
     writer.start()
     assert started.wait(5)

@@ -11,7 +11,7 @@ from kv_transfer.base import TransferError
 from kv_transfer.layout import (WIRE_VERSION, KVLayout, dtype_from_proto, dtype_to_proto, gather_blocks,
                                 scatter_blocks)
 from kv_transfer.wire import (SendLedger, crc32c, crc32c_combine, decode_payload, encode_chunks,
-                              plan_chunks, split_ranges, target_block_ids)
+                              parse_chunk, plan_chunks, split_ranges, target_block_ids)
 from pdserve.v1 import kv_pb2, worker_pb2
 
 # decode_payload views read-only bytes on purpose (kv_transfer/wire.py filters this at
@@ -206,3 +206,20 @@ def test_target_block_ids_skip_cached_prefix() -> None:
     assert target_block_ids(worker_pb2.Reservation(block_ids=[3, 4])) == [3, 4]
     with pytest.raises(ValueError):
         target_block_ids(worker_pb2.Reservation(block_ids=[3, 4], block_size=16, num_cached_tokens=8))
+
+
+def test_parse_chunk_is_zero_copy_and_strict() -> None:
+    kv = torch.randn(1, 2, 3, 2, 1, 4)
+    (chunk,) = encode_chunks(base_header(), 0, 1, [4, 5, 300], kv, 2, 1 << 20)
+    data = chunk.SerializeToString()
+    wire = parse_chunk(data)
+    assert wire.header == chunk.header and bytes(wire.payload) == chunk.payload
+    assert wire.payload.obj is data                         # a view, not a copy
+    layout = KVLayout(1, 2, 1, 4, torch.float32)
+    assert torch.equal(decode_payload(wire.header, wire.payload, layout), kv)
+    unknown_field = b"\x18\x07"                              # field 3, varint 7: skipped
+    assert parse_chunk(unknown_field + data).header == chunk.header
+    assert bytes(parse_chunk(b"").payload) == b""
+    for bad in (data[:-1], data[:3], b"\x12\xff", b"\x0b", b"\x12" + b"\xff" * 11):
+        with pytest.raises(ValueError):
+            parse_chunk(bad)
