@@ -1,6 +1,6 @@
-"""Temporary tuning check (deleted after use)."""
+"""Temporary tuning sweep (deleted after use)."""
+import itertools
 import torch
-import torch.nn.functional as F
 from pdserve.kernels import triton_attention as ta
 
 
@@ -18,37 +18,21 @@ def gtime(f, reps=20):
     return sorted(ts)[2] * 1e-3
 
 
-dt = torch.bfloat16
 hkv, d, pg = 8, 128, 16
-for hq in (32, 8):
-    for bs, ctx in [(1, 4096), (4, 4096), (8, 4096), (32, 4096), (64, 8192), (256, 1024)]:
+for dt, hq in [(torch.bfloat16, 8), (torch.bfloat16, 16), (torch.float32, 32)]:
+    for bs, ctx in [(1, 4096), (8, 4096), (64, 8192)]:
         nb = bs * ctx // pg
         kc = torch.randn(nb, pg, hkv, d, device="cuda", dtype=dt); vc = torch.randn_like(kc)
         bt = torch.randperm(nb, device="cuda").int().view(bs, -1)
         sl = torch.full((bs,), ctx, device="cuda", dtype=torch.int32)
         q = torch.randn(bs, hq, d, device="cuda", dtype=dt)
-        by = 2 * kc.numel() * 2
+        by = 2 * kc.numel() * kc.element_size()
         ns = ta.choose_num_splits(bs, hkv, ctx, q.device)
-        x = gtime(lambda: ta.decode_attention(q, kc, vc, sl, bt, .088, num_splits=ns))
-        K = kc.view(bs, ctx, hkv, d).transpose(1, 2).contiguous(); V = vc.view(bs, ctx, hkv, d).transpose(1, 2).contiguous()
-        y = gtime(lambda: F.scaled_dot_product_attention(q.view(bs, hq, 1, d), K, V, enable_gqa=True))
-        print(f"decode Hq={hq} Hkv={hkv} bs={bs} ctx={ctx} splits={ns}: {x*1e6:.1f}us {by/x/1e12:.2f} TB/s"
-              f" | sdpa on contiguous K/V {by/y/1e12:.2f} TB/s")
-hq = 32
-for bs, L, qfrac in [(8, 2048, 1), (2, 8192, 1), (16, 2048, 4), (64, 512, 1)]:
-    nb = bs * L // pg
-    kc = torch.randn(nb, pg, hkv, d, device="cuda", dtype=dt); vc = torch.randn_like(kc)
-    bt = torch.randperm(nb, device="cuda").int().view(bs, -1)
-    sl = torch.full((bs,), L, device="cuda", dtype=torch.int32)
-    ql = L // qfrac
-    qsl = torch.arange(bs + 1, device="cuda", dtype=torch.int32) * ql
-    q = torch.randn(bs * ql, hq, d, device="cuda", dtype=dt)
-    fl = 4 * bs * hq * d * (ql * (L - ql) + ql * ql / 2)
-    x = gtime(lambda: ta.prefill_attention(q, kc, vc, qsl, sl, bt, .088, ql), 5)
-    msg = f"prefill bs={bs} ctx={L} q={ql}: {fl/x/1e12:.0f} TFLOP/s"
-    if qfrac == 1:
-        Q = q.view(bs, ql, hq, d).transpose(1, 2)
-        K = kc.view(bs, L, hkv, d).transpose(1, 2); V = vc.view(bs, L, hkv, d).transpose(1, 2)
-        y = gtime(lambda: F.scaled_dot_product_attention(Q, K, V, is_causal=True, enable_gqa=True), 5)
-        msg += f" | sdpa {fl/y/1e12:.0f} TFLOP/s"
-    print(msg)
+        res = []
+        for dot, bn, nw in itertools.product([False, True], [16, 32, 64, 128], [4, 8]):
+            if not dot and bn * d * (hq // hkv) > 16384:
+                continue
+            ta._decode_tiles = lambda g, dtype, c=(dot, bn, nw): c
+            x = gtime(lambda: ta.decode_attention(q, kc, vc, sl, bt, .088, num_splits=ns))
+            res.append((round(by / x / 1e12, 2), dot, bn, nw))
+        print(f"{dt} G={hq // hkv} bs={bs} ctx={ctx} splits={ns}: top {sorted(res)[::-1][:4]} worst {sorted(res)[0]}")

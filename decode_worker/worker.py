@@ -205,6 +205,18 @@ class DecodeWorker:
         if self.aengine is not None:
             self.aengine.abort(key)
 
+    async def renew(self, keys: list[str], lease_s: float) -> int:
+        """Heartbeat from the router for attempts whose prefill is still queued or
+        computing ("<request_id>/<attempt_id>" keys): extend their leases. A lease that
+        is not renewed (router gone, prefill stuck past the router's timeout) expires
+        and frees its blocks."""
+        n = 0
+        for key in keys:
+            res_id = self.res_ids.get(key)
+            if res_id is not None and self.table.renew(res_id, lease_s):
+                n += 1
+        return n
+
     async def poll(self, router_id: str, timeout_s: float = 1.0) -> bytes:
         """Everything produced for this router's requests since its last poll (waits up
         to timeout_s for something to arrive)."""

@@ -270,6 +270,7 @@ class DistSendHandle(KVSendHandle):
         with self._cond:
             done = self._cond.wait_for(lambda: not self._pending or self._error is not None, timeout)
         if self._error is not None:
+            self.abort()                # chunks still queued for this attempt are dropped
             raise self._error
         if self.aborted:
             raise TransferError("transfer aborted")

@@ -211,7 +211,6 @@ class GrpcSendHandle(KVSendHandle):
         self._ledger: SendLedger[kv_pb2.KVChunk] = SendLedger(lambda c: c.header)
         self._queue: queue.Queue[object] = queue.Queue(maxsize=transport.queue_chunks)
         self._done = threading.Event()      # the call has ended (ack, error or cancel)
-        self._lease_ms = reservation.lease_expiry_unix_ms   # D's wall clock
         self._aborted = False
         self._stalled = False
         self._error: TransferError | None = None
@@ -258,12 +257,8 @@ class GrpcSendHandle(KVSendHandle):
             raise RuntimeError("send() after finish()")
         if self._aborted or self._done.is_set():
             return  # the call already ended; finish() reports why
-        if self._lease_ms and time.time() * 1000 > self._lease_ms:
-            # D refuses it anyway (by its own clock); stop spending bandwidth on it
-            self._error = TransferError("reservation lease expired before the KV was sent",
-                                        kv_pb2.KV_STATUS_EXPIRED)
-            self._call.cancel()
-            return
+        # No lease check here: the router renews D's lease while the prefill runs, so
+        # the expiry in P's copy of the reservation is stale; D alone judges expiry.
         chunks = encode_chunks(self._base, layer_start, layer_end, self._block_ids, kv,
                                self._ledger.next_index, self._t.max_chunk_bytes)
         deadline = time.monotonic() + self._t.send_timeout_s

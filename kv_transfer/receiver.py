@@ -48,7 +48,13 @@ _OK = kv_pb2.KV_STATUS_OK
 
 
 class KVReceiver:
-    """Owned by the decode worker; shared by its transports' server threads."""
+    """Owned by the decode worker; shared by its transports' server threads.
+
+    Callbacks run on the calling transport thread, outside every lock, at most once per
+    attempt between them: on_complete(entry, record) -> CompleteAck when the record
+    verifies (the worker adds the sequence to its batch), on_failed(entry, code, message)
+    when a check fails here (the worker frees the blocks and pops the entry). Failures
+    the worker causes itself (table.fail / table.pop) do not call back."""
 
     def __init__(self, kv_caches: Sequence[tuple[Tensor, Tensor]], layout: KVLayout, compat_hash: int,
                  table: ReservationTable, on_complete: OnComplete, on_failed: OnFailed,

@@ -173,6 +173,19 @@ class ReservationTable:
                         reservation_id, entry.request_id, entry.attempt_id, reason)
         return entry if moved else None
 
+    def renew(self, reservation_id: str, lease_s: float, now: float | None = None) -> bool:
+        """Push a live lease's expiry to now + lease_s (the router's heartbeat while the
+        prefill is queued or computing). False if the entry is gone or no longer live."""
+        entry = self.get(reservation_id)
+        if entry is None:
+            return False
+        now = time.monotonic() if now is None else now
+        with entry.lock:
+            if not entry.live:
+                return False
+            entry.expiry = max(entry.expiry, now + lease_s)
+        return True
+
     def expired(self, now: float | None = None) -> list[ReservationEntry]:
         """Live entries whose lease has run out (the owner then calls fail() on each;
         one that completes in between is not failed)."""

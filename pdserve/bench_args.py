@@ -25,3 +25,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--result-json", default=None, help="write the metrics as JSON here")
     p.add_argument("--plot", default=None, help="write latency CDFs (and throughput vs rate) as PNG here")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--request-timeout", type=float, default=300.0,
+                   help="seconds one request may take before it counts as failed")
+    p.add_argument("--max-duration", type=float, default=3600.0,
+                   help="seconds one run (one rate) may take; unfinished requests count as failed")
+    p.add_argument("--sweep-plot", default="pdserve-bench-sweep.png",
+                   help="where a --rate-sweep writes its plot when --plot is not given")

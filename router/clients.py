@@ -58,6 +58,9 @@ class DecodeClient(WorkerClient):
     async def submit(self, data: bytes) -> bytes:
         return await self._call(self.target.submit, data)
 
+    async def renew(self, keys: list[str], lease_s: float) -> int:
+        return await self._call(self.target.renew, keys, lease_s)
+
     async def poll(self, router_id: str, timeout_s: float) -> bytes:
         return await self._call(self.target.poll, router_id, timeout_s)
 

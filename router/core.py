@@ -53,6 +53,9 @@ class RouterConfig:
     max_retries: int = 1                 # re-prefills on another P, only before any token
     lease_ms: int = 30_000
     reserve_wait_s: float = 5.0          # how long to wait for KV blocks on some D
+    prefill_timeout_s: float = 60.0      # a prefill call (queue + compute + transfer) past
+                                         # this is abandoned and retried: a stalled P
+                                         # cannot hold a request or a reservation forever
     load_interval_s: float = 0.25
     block_size: int = 16
     max_model_len: int = 8192
@@ -111,6 +114,7 @@ class _State:
     last_token_at: float = 0.0
     cached_tokens: int | None = None
     finished: bool = False
+    prefilling: bool = False             # the P call is pending: renew D's lease
 
 
 class _DecodeLost(Exception):
@@ -144,6 +148,7 @@ class Router:
         for wid in self.decode:
             self._tasks.append(asyncio.create_task(self._poller(wid)))
         self._tasks.append(asyncio.create_task(self._load_loop()))
+        self._tasks.append(asyncio.create_task(self._lease_loop()))
         await self._refresh_loads()
 
     async def stop(self) -> None:
@@ -219,13 +224,21 @@ class Router:
         p = self.prefill_policy.pick([w.view for w in prefill], inp.prompt_token_ids)
         pw = self.prefill[p.worker_id]
         state.prefill_id = p.worker_id
+        state.rec.workers.append(p.worker_id)
         task = worker_pb2.PrefillTask(request_id=rid, attempt_id=state.attempt,
                                       prompt_token_ids=inp.prompt_token_ids, sampling=sampling,
                                       reservation=res, deadline_unix_ms=deadline_ms)
         pw.view.inflight += 1
+        state.prefilling = True
         try:
-            reply = worker_pb2.PrefillReply.FromString(
-                await self._with_deadline(pw.client.prefill(task.SerializeToString()), inp))
+            reply = worker_pb2.PrefillReply.FromString(await self._with_deadline(
+                asyncio.wait_for(pw.client.prefill(task.SerializeToString()),
+                                 self.config.prefill_timeout_s), inp))
+        except asyncio.TimeoutError:
+            tried_p.add(p.worker_id)
+            self.events["transfer_failures"] += 1
+            raise _Retry("unavailable", f"prefill worker {p.worker_id} did not answer in "
+                         f"{self.config.prefill_timeout_s:.0f}s") from None
         except WorkerDied as e:
             pw.view.healthy = False
             tried_p.add(p.worker_id)
@@ -233,6 +246,7 @@ class Router:
             raise _Retry("unavailable", f"prefill worker {p.worker_id} died: {e}") from None
         finally:
             pw.view.inflight -= 1
+            state.prefilling = False
         if m is not None:
             if reply.code == worker_pb2.WORKER_ERROR_NONE:
                 m.labels(m.kv_bytes, transport=self.transport_name).inc(reply.record.kv_bytes)
@@ -290,6 +304,7 @@ class Router:
                 continue
             if code == worker_pb2.WORKER_ERROR_NONE:
                 dw.view.inflight += 1
+                state.rec.workers.append(v.worker_id)
                 if result is not None:
                     dw.view.kv_blocks_free -= len(result.block_ids)
                 return result
@@ -428,6 +443,23 @@ class Router:
                 return
             except Exception:  # noqa: BLE001
                 continue
+
+    async def _lease_loop(self) -> None:
+        """Heartbeat (every lease/6) for the reservations of attempts still in prefill."""
+        lease_s = self.config.lease_ms / 1000
+        while True:
+            await asyncio.sleep(lease_s / 6)
+            by_decode: dict[str, list[str]] = {}
+            for st in self.states.values():
+                if st.prefilling and st.decode_id:
+                    by_decode.setdefault(st.decode_id, []).append(
+                        f"{st.rec.request_id}/{st.attempt}")
+            for wid, keys in by_decode.items():
+                w = self.decode.get(wid)
+                if w is not None and w.view.healthy:
+                    t = asyncio.ensure_future(_quiet(w.client.renew(keys, lease_s)))
+                    self._tasks.append(t)
+                    t.add_done_callback(self._forget)
 
     async def _load_loop(self) -> None:
         while True:

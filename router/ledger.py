@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 OUTCOMES = ("completed", "cancelled", "error")
@@ -44,6 +45,7 @@ class Ledger:
         self.accepted = 0
         self.rejected = 0
         self.double_finish = 0
+        self.history: deque[Record] = deque(maxlen=10_000)   # recently finished records
 
     def admit(self, num_prompt_tokens: int, client_label: str = "") -> Record:
         if len(self.active) >= self.max_inflight:
@@ -64,6 +66,7 @@ class Ledger:
         rec.outcome, rec.reason, rec.finished_at = outcome, reason, time.monotonic()
         self.active.pop(rec.request_id, None)
         self.counts[outcome] += 1
+        self.history.append(rec)
         return True
 
     @property

@@ -14,7 +14,7 @@ import torch
 
 from kv_transfer import grpc_transport
 from kv_transfer.base import TRANSPORTS, SendSummary, TransferError
-from kv_transfer.grpc_transport import SECRET_METADATA_KEY, GrpcTransport, serve_kv
+from kv_transfer.grpc_transport import SECRET_METADATA_KEY, GrpcSendHandle, GrpcTransport, serve_kv
 from kv_transfer.layout import KVLayout, gather_blocks
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.reservations import ReservationEntry, ReservationState, ReservationTable
@@ -67,14 +67,16 @@ def decode() -> Iterator[Decode]:
     d.server.stop(0)
 
 
-# Big enough that HTTP/2 windows and socket buffers (a few MiB on loopback) cannot absorb
-# the whole transfer: 128 KiB per block of both layers, 16 MiB for 128 blocks.
+# Big enough that D's processing, not buffering, sets the pace: once warm, gRPC's HTTP/2
+# window (BDP probing grows it) plus loopback socket buffers absorb 16-32 MiB of chunks.
+# 128 KiB per block of both layers: 64 MiB for 512 blocks.
 BIG = KVLayout(num_layers=2, block_size=16, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+BIG_BLOCKS = 512
 
 
 @pytest.fixture
 def big_decode() -> Iterator[Decode]:
-    d = Decode(layout=BIG, num_blocks=128)
+    d = Decode(layout=BIG, num_blocks=BIG_BLOCKS)
     yield d
     d.server.stop(0)
 
@@ -173,23 +175,25 @@ def test_bit_flip_after_encoding_is_corrupt(decode: Decode, monkeypatch: pytest.
 def test_backpressure_keeps_the_client_queue_bounded(big_decode: Decode,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     real = big_decode.receiver.receive
-    delay = 0.03
+    delay = 0.01
 
     def slow_receive(header: kv_pb2.KVChunkHeader, payload: bytes) -> tuple[int, str]:
         time.sleep(delay)
         return real(header, payload)
 
     monkeypatch.setattr(big_decode.receiver, "receive", slow_receive)
-    entry, reservation = big_decode.reserve(tuple(range(128)))
-    p_kv = torch.randn(BIG.payload_shape(2, 128)).to(torch.bfloat16)
-    transport = GrpcTransport(secret=SECRET, max_chunk_bytes=512 << 10, queue_chunks=2)  # 32 chunks
+    blocks = tuple(range(BIG_BLOCKS))
+    entry, reservation = big_decode.reserve(blocks)
+    p_kv = torch.randn(BIG.payload_shape(2, BIG_BLOCKS)).to(torch.bfloat16)
+    transport = GrpcTransport(secret=SECRET, max_chunk_bytes=512 << 10, queue_chunks=2)  # 128 chunks
     handle = transport.open(reservation, "req-1", 2)
+    assert isinstance(handle, GrpcSendHandle)
     depth: list[int] = []
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            depth.append(handle.queued)  # type: ignore[attr-defined]
+            depth.append(handle.queued)
             time.sleep(0.002)
 
     sampler = threading.Thread(target=sample)
@@ -204,11 +208,11 @@ def test_backpressure_keeps_the_client_queue_bounded(big_decode: Decode,
         stop.set()
         sampler.join()
         transport.close()
-    assert summary.num_chunks == 32 and entry.chunks_received == 32
+    assert summary.num_chunks == 128 and entry.chunks_received == 128
     assert max(depth) <= 2
-    # gRPC and TCP buffer a few chunks beyond the queue; the rest waited for D
+    # at most ~64 chunks fit in gRPC's and the socket's buffers; the rest waited for D
     assert send_s >= 0.3, f"send() returned after {send_s:.2f}s of {total_s:.2f}s: no backpressure"
-    assert torch.equal(gather_blocks(big_decode.caches, 0, 2, list(range(128))).view(torch.int16),
+    assert torch.equal(gather_blocks(big_decode.caches, 0, 2, list(blocks)).view(torch.int16),
                        p_kv.view(torch.int16))
 
 
@@ -217,15 +221,16 @@ def test_stalled_decode_fails_the_send_instead_of_hanging(big_decode: Decode,
     release = threading.Event()
     real = big_decode.receiver.receive
     monkeypatch.setattr(big_decode.receiver, "receive", lambda h, p: (release.wait(10), real(h, p))[1])
-    _, reservation = big_decode.reserve(tuple(range(128)))
+    _, reservation = big_decode.reserve(tuple(range(BIG_BLOCKS)))
     transport = GrpcTransport(secret=SECRET, max_chunk_bytes=512 << 10, queue_chunks=1, send_timeout_s=0.3)
     try:
         handle = transport.open(reservation, "req-1", 2)
+        kv = torch.randn(BIG.payload_shape(2, BIG_BLOCKS)).to(torch.bfloat16)
         start = time.monotonic()
-        handle.send(0, 2, torch.randn(BIG.payload_shape(2, 128)).to(torch.bfloat16))
+        handle.send(0, 2, kv)      # 64 MiB: more than the buffers hold, so send() blocks
+        assert time.monotonic() - start < 3
         with pytest.raises(TransferError, match="stopped draining"):
             handle.finish(5)
-        assert time.monotonic() - start < 3
     finally:
         release.set()
         transport.close()

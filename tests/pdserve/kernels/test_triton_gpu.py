@@ -69,7 +69,7 @@ def _ragged(bs: int, max_len: int, seed: int) -> list[int]:
     (64, 8192, 16, 8, 4, 128),   # Llama-3-8B-like GQA
     (1, 8192, 16, 8, 4, 128),    # bs=1: split-KV is what fills the GPU
     (33, 3000, 32, 2, 8, 64),
-    (17, 1000, 8, 4, 1, 128),    # MHA: broadcast path
+    (17, 1000, 8, 4, 1, 128),    # MHA: 1 head padded to 16 dot rows
     (8, 2048, 16, 3, 3, 64),     # SmolLM2-like G=3
 ])
 @pytest.mark.parametrize("num_splits", [None, 1, 5])

@@ -75,7 +75,7 @@ def _prefill_pair(c: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # Ragged contexts: length 1, shorter than a page, not a page multiple, many pages.
-# G=1/2 take the decode kernel's broadcast path, G>=3 its tl.dot path.
+# Every G is padded to 16 rows for tl.dot in decode, and to a power of two in prefill.
 PAGES, GROUPS, DIMS, DTYPES = [8, 16, 32], [1, 2, 3, 4, 8], [64, 128], [torch.float32, torch.float16]
 
 
