@@ -315,14 +315,3 @@ def test_no_thread_growth_over_many_transfers(decode: Decode) -> None:
     finally:
         transport.close()
 
-
-def test_sender_stops_after_the_lease(decode: Decode) -> None:
-    entry, reservation = decode.reserve()
-    reservation.lease_expiry_unix_ms = int(time.time() * 1000) - 1
-    transport = GrpcTransport(secret=SECRET)
-    try:
-        with pytest.raises(TransferError) as e:
-            push_all(transport, reservation, prefill_caches())
-    finally:
-        transport.close()
-    assert e.value.code == kv_pb2.KV_STATUS_EXPIRED and entry.chunks_received == 0

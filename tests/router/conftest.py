@@ -123,6 +123,31 @@ def served(default_model_dir: str):
         loop.close()
 
 
+class FakeRouter:
+    """Stands in for the Router where a test needs a failure on demand: raises `exc`
+    at admission, or after one delta when `after_first`. No decode workers: unhealthy."""
+
+    def __init__(self, exc: BaseException, after_first: bool = False) -> None:
+        self.exc = exc
+        self.after_first = after_first
+        self.decode: dict[str, Any] = {}
+        self.closed = 0
+
+    async def generate(self, inp: Any):
+        from router.core import Delta
+        try:
+            if self.after_first:
+                yield Delta("req-fake", [42], "x")
+            raise self.exc
+        finally:
+            self.closed += 1
+
+
+@pytest.fixture(scope="session")
+def fake_router() -> type[FakeRouter]:
+    return FakeRouter
+
+
 @pytest.fixture(scope="session")
 def reference(default_model_dir: str) -> Callable[..., str]:
     """Greedy text from the single-process engine, memoized: reference("prompt", text,
