@@ -96,9 +96,11 @@ class DecodeWorker:
             self.kv_endpoint = f"{host}:{port}"
         if self.spec.transport == "nccl" and self.spec.dist.world_size > 0:
             from kv_transfer import dist
-            dist.init_kv_group(self.spec.dist.backend, self.spec.dist.init_method,
-                               self.spec.dist.world_size, self.spec.dist.rank)
-            peers = [r for r in range(self.spec.dist.world_size) if r != self.spec.dist.rank]
+            # Blocks until every worker joined: off the event loop, so load() still answers.
+            await asyncio.to_thread(dist.init_kv_group, self.spec.dist.backend,
+                                    self.spec.dist.init_method, self.spec.dist.world_size,
+                                    self.spec.dist.rank)
+            peers = list(self.spec.dist.prefill_ranks)
             self.dist_listener = dist.DistKVListener(self.kv_receiver, peers, self.engine.device)
         self._tasks.append(asyncio.create_task(self._reaper()))
         return self.info().SerializeToString()

@@ -54,7 +54,8 @@ def make_specs(base: WorkerSpec, n_prefill: int, n_decode: int, mode: str) -> li
     if base.transport == "nccl":
         # Every worker joins one KV process group; rank order = spec order.
         init = base.dist.init_method or f"tcp://{base.host or '127.0.0.1'}:{_free_port()}"
-        specs = [replace(s, dist=DistSpec(base.dist.backend, init, len(specs), r))
+        p_ranks = tuple(r for r, s in enumerate(specs) if s.role == "prefill")
+        specs = [replace(s, dist=DistSpec(base.dist.backend, init, len(specs), r, p_ranks))
                  for r, s in enumerate(specs)]
     if not base.secret:
         secret = secrets.token_hex(16)

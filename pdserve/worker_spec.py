@@ -17,6 +17,7 @@ class DistSpec:
     init_method: str = ""            # tcp://host:port of rank 0
     world_size: int = 0
     rank: int = -1
+    prefill_ranks: tuple[int, ...] = ()   # the ranks a decode worker receives KV from
 
 
 @dataclass(frozen=True)
@@ -68,5 +69,7 @@ class WorkerSpec:
     @staticmethod
     def from_json(text: str) -> "WorkerSpec":
         d = json.loads(text)
-        d["dist"] = DistSpec(**d.get("dist", {}))
+        dist = dict(d.get("dist", {}))
+        dist["prefill_ranks"] = tuple(dist.get("prefill_ranks", ()))
+        d["dist"] = DistSpec(**dist)
         return WorkerSpec(**d)

@@ -36,6 +36,8 @@ from kv_transfer.layout import KVLayout, gather_blocks
 
 logger = logging.getLogger(__name__)
 
+PREFILL_WAIT_MAX_S = 600.0    # backstop for a request without a deadline
+
 
 class PrefillWorker:
     def __init__(self, spec_json: str) -> None:
@@ -70,6 +72,12 @@ class PrefillWorker:
         self.loop = asyncio.get_running_loop()
         self.aengine = AsyncEngine(self.engine, on_fatal=self._fatal, sink=self._sink)
         self.aengine.start()
+        if self.spec.transport == "nccl":
+            from kv_transfer import dist
+            d = self.spec.dist
+            # Blocks until every worker joined: off the event loop.
+            await asyncio.to_thread(dist.init_kv_group, d.backend, d.init_method,
+                                    d.world_size, d.rank)
         self.transport = self._make_transport(local_receivers)
         self.fault_plan = None
         if self.spec.faults:
@@ -98,9 +106,8 @@ class PrefillWorker:
         if name == "nccl":
             from kv_transfer import dist
             from kv_transfer.grpc_transport import GrpcTransport
-            d = self.spec.dist
-            dist.init_kv_group(d.backend, d.init_method, d.world_size, d.rank)
-            return dist.DistTransport(control=GrpcTransport(secret=self.spec.secret or None))
+            return dist.DistTransport(control=GrpcTransport(secret=self.spec.secret or None),
+                                      device=self.engine.device)
         if name == "ipc":
             from kv_transfer.ipc import IpcTransport
             from kv_transfer.grpc_transport import GrpcTransport
@@ -177,13 +184,18 @@ class PrefillWorker:
                 handle.abort()
                 return _reply(worker_pb2.WORKER_ERROR_INVALID, str(e))
             await self._gate("admitted", key)
-            timeout = self._remaining(task, self.spec.transfer_timeout_s * 4)
+            # Queueing + compute may take long under load; only the request's own
+            # deadline bounds it here (the router bounds the whole call separately and
+            # aborts it if this worker is stuck).
+            timeout = self._remaining(task, PREFILL_WAIT_MAX_S)
             try:
                 out: RequestOutput = await asyncio.wait_for(asyncio.shield(fut), timeout)
             except asyncio.TimeoutError:
                 self.aengine.abort(key)
                 handle.abort()
-                return _reply(worker_pb2.WORKER_ERROR_DEADLINE, "prefill did not finish in time")
+                if task.deadline_unix_ms and time.time() * 1000 >= task.deadline_unix_ms:
+                    return _reply(worker_pb2.WORKER_ERROR_DEADLINE, "deadline exceeded in prefill")
+                return _reply(worker_pb2.WORKER_ERROR_INTERNAL, "prefill did not finish in time")
             if out.finish_reason in ("abort", "error") or not out.new_token_ids:
                 handle.abort()
                 code = (worker_pb2.WORKER_ERROR_CANCELLED if out.finish_reason == "abort"

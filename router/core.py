@@ -143,8 +143,12 @@ class Router:
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        for w in [*self.prefill.values(), *self.decode.values()]:
-            w.info = worker_pb2.WorkerInfo.FromString(await w.client.start())
+        # Concurrently: with the nccl transport every worker joins one process group in
+        # start(), and that rendezvous only completes when all of them are in it.
+        workers = [*self.prefill.values(), *self.decode.values()]
+        infos = await asyncio.gather(*[w.client.start() for w in workers])
+        for w, info in zip(workers, infos):
+            w.info = worker_pb2.WorkerInfo.FromString(info)
         for wid in self.decode:
             self._tasks.append(asyncio.create_task(self._poller(wid)))
         self._tasks.append(asyncio.create_task(self._load_loop()))

@@ -17,6 +17,10 @@
 {{- end }}
 {{- end }}
 
+{{- define "pdserve.routerName" -}}
+{{- printf "%s-router" (include "pdserve.fullname" . | trunc 56 | trimSuffix "-") }}
+{{- end }}
+
 {{- define "pdserve.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
