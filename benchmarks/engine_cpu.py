@@ -245,7 +245,8 @@ def main() -> int:
     plan = QUICK if args.quick else FULL
     hf_sizes = (tuple(int(b) for b in args.hf_batch_sizes.split(","))
                 if args.hf_batch_sizes else plan.hf_batch_sizes)
-    threads = args.threads or len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))
+    threads = args.threads or cores
     torch.set_num_threads(threads)
     model_dir = str(args.model or prepare_default_model())
     load_start = os.getloadavg()
@@ -260,7 +261,7 @@ def main() -> int:
 
     res: dict[str, Any] = {
         "quick": args.quick, "plan": asdict(plan), "hf_batch_sizes": hf_sizes,
-        "model": model_dir, "torch": torch.__version__, "threads": threads,
+        "model": model_dir, "torch": torch.__version__, "threads": threads, "cores": cores,
         "cpu": platform.processor() or platform.machine(), "loadavg_start": load_start}
     res["single_stream"] = single_stream(llm, hf, plan, args.seed)
     res["concurrent"] = [concurrent(llm, hf, plan, n, args.seed, hf_sizes) for n in plan.levels]
@@ -273,7 +274,7 @@ def main() -> int:
     sys.stdout.write(
         f"\nengine_cpu{' --quick' if args.quick else ''}: {Path(model_dir).name}, fp32, "
         f"{threads} threads, torch {torch.__version__}, {res['seconds']:.0f} s, load average "
-        f"{load_start[0]:.2f} -> {res['loadavg_end'][0]:.2f} (above {threads}: the CPU was shared)\n"
+        f"{load_start[0]:.2f} -> {res['loadavg_end'][0]:.2f} (above {cores}: the CPU was shared)\n"
         f"{detail_table(res)}\n\n{goal_table(res)}\nJSON: {args.out}\n")
     return 0
 

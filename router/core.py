@@ -53,9 +53,8 @@ class RouterConfig:
     max_retries: int = 1                 # re-prefills on another P, only before any token
     lease_ms: int = 30_000
     reserve_wait_s: float = 5.0          # how long to wait for KV blocks on some D
-    prefill_timeout_s: float = 60.0      # a prefill call (queue + compute + transfer) past
-                                         # this is abandoned and retried: a stalled P
-                                         # cannot hold a request or a reservation forever
+    prefill_timeout_s: float = 600.0     # backstop for one prefill call; a stalled or dead
+                                         # P is detected sooner by its failing health checks
     load_interval_s: float = 0.25
     block_size: int = 16
     max_model_len: int = 8192
@@ -236,13 +235,11 @@ class Router:
         state.prefilling = True
         try:
             reply = worker_pb2.PrefillReply.FromString(await self._with_deadline(
-                asyncio.wait_for(pw.client.prefill(task.SerializeToString()),
-                                 self.config.prefill_timeout_s), inp))
-        except asyncio.TimeoutError:
+                self._watch_prefill(pw, task.SerializeToString()), inp))
+        except _Stalled as e:
             tried_p.add(p.worker_id)
             self.events["transfer_failures"] += 1
-            raise _Retry("unavailable", f"prefill worker {p.worker_id} did not answer in "
-                         f"{self.config.prefill_timeout_s:.0f}s") from None
+            raise _Retry("unavailable", str(e)) from None
         except WorkerDied as e:
             pw.view.healthy = False
             tried_p.add(p.worker_id)
@@ -267,6 +264,25 @@ class Router:
             self.events["transfer_failures"] += 1
             raise _Retry("unavailable", reply.error or "prefill failed")
         state.cached_tokens = reply.record.num_cached_tokens
+
+    async def _watch_prefill(self, pw: _Worker, data: bytes) -> bytes:
+        """The prefill call, abandoned if its worker stops answering health checks (a
+        stalled or dead P), however long a busy but healthy P takes (up to a backstop)."""
+        task = asyncio.ensure_future(pw.client.prefill(data))
+        start = time.monotonic()
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.25)
+                if done:
+                    return task.result()
+                if not pw.view.healthy:
+                    raise _Stalled(f"prefill worker {pw.view.worker_id} stopped answering")
+                if time.monotonic() - start > self.config.prefill_timeout_s:
+                    raise _Stalled(f"prefill worker {pw.view.worker_id} did not answer in "
+                                   f"{self.config.prefill_timeout_s:.0f}s")
+        finally:
+            if not task.done():
+                task.cancel()
 
     async def _reserve_or_submit(self, state: _State, inp: GenerateInput, sampling,
                                  deadline_ms: int, colocated: bool, tried_d: set[str]):
@@ -490,6 +506,10 @@ class Router:
                 w.view.healthy = not ld.draining
         await asyncio.gather(*[one(w, True) for w in self.prefill.values()],
                              *[one(w, False) for w in self.decode.values() if w.view.healthy])
+
+
+class _Stalled(Exception):
+    pass
 
 
 class _Retry(Exception):

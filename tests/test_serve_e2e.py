@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import grpc
@@ -42,25 +43,31 @@ class Server:
                "--dtype", "float32", "--device", "cpu",
                "--grpc-port", str(self.grpc_port), "--http-port", str(self.http_port), *args]
         env = dict(os.environ, PDSERVE_NO_PROGRESS="1", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        # The log goes to a file: a pipe nobody drains would block the server once full.
+        self.logfile = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, stdout=self.logfile, stderr=subprocess.STDOUT,
                                      text=True, env=env, start_new_session=True)
-        self.log: list[str] = []
         end = time.monotonic() + 240
-        while time.monotonic() < end:
-            line = self.proc.stdout.readline()
-            if not line:
+        ready = False
+        while time.monotonic() < end and self.proc.poll() is None:
+            if "  HTTP" in self.read_log():
+                ready = True
                 break
-            self.log.append(line)
-            if line.startswith("  HTTP"):
-                break
-        else:
+            time.sleep(0.5)
+        if not ready:
             self.stop()
-        if not any(l.startswith("pdserve ready") for l in self.log):
-            self.stop()
-            raise RuntimeError("pdserve serve did not start:\n" + "".join(self.log[-40:]))
+            raise RuntimeError("pdserve serve did not start:\n" + self.read_log()[-4000:])
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")
         self.stub = generation_pb2_grpc.GenerationStub(self.channel)
+
+    def read_log(self) -> str:
+        with open(self.logfile.name) as f:
+            return f.read()
+
+    @property
+    def log(self) -> list[str]:
+        return self.read_log().splitlines(keepends=True)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
