@@ -121,7 +121,7 @@ def _handlers(servicer: KVTransferServicer) -> grpc.GenericRpcHandler:
 
 
 def serve_kv(receiver: KVReceiver, host: str, port: int = 0, secret: str | None = None,
-             max_workers: int = 4, max_chunk_bytes: int = MAX_CHUNK_BYTES) -> tuple[grpc.Server, int]:
+             max_workers: int = 64, max_chunk_bytes: int = MAX_CHUNK_BYTES) -> tuple[grpc.Server, int]:
     """Start D's KV listener on host:port (port 0: any free one); returns the started
     server and the bound port. `host` is the node's internal address: binding all
     interfaces happens only when a caller passes 0.0.0.0 / :: itself. Each open Push
@@ -215,9 +215,18 @@ class GrpcSendHandle(KVSendHandle):
         self._stalled = False
         self._error: TransferError | None = None
         self._summary: SendSummary | None = None
-        self._call = stub.Push.future(self._requests(), metadata=transport.metadata(),
-                                      timeout=transport.stream_timeout_s)
-        self._call.add_done_callback(lambda _f: self._done.set())
+        # The Push call starts at the first chunk, not at open(): a prompt may wait in
+        # P's queue for a long time, and an idle stream would hold one of D's server
+        # threads and run down its own deadline meanwhile.
+        self._stub = stub
+        self._call: grpc.Future | None = None
+
+    def _start(self) -> grpc.Future:
+        if self._call is None:
+            self._call = self._stub.Push.future(self._requests(), metadata=self._t.metadata(),
+                                                timeout=self._t.stream_timeout_s)
+            self._call.add_done_callback(lambda _f: self._done.set())
+        return self._call
 
     def _requests(self) -> Iterator[kv_pb2.KVChunk]:
         """Runs on gRPC's request-consumer thread. Polls so that it returns soon after
@@ -236,6 +245,7 @@ class GrpcSendHandle(KVSendHandle):
     def _put(self, item: object, deadline: float) -> bool:
         """Enqueue, blocking while the queue is full (backpressure); False if the call
         has ended or the deadline passed (then the call is cancelled)."""
+        call = self._start()
         while not self._done.is_set():
             try:
                 self._queue.put(item, timeout=min(0.05, max(0.0, deadline - time.monotonic())))
@@ -243,7 +253,7 @@ class GrpcSendHandle(KVSendHandle):
             except queue.Full:
                 if time.monotonic() >= deadline:
                     self._stalled = True
-                    self._call.cancel()
+                    call.cancel()
                     return False
         return False
 
@@ -277,10 +287,11 @@ class GrpcSendHandle(KVSendHandle):
         held = self._ledger.finish()
         if held is None or self._put(held, deadline):
             self._put(_END, deadline)
+        call = self._start()
         try:
-            ack = self._call.result(timeout=max(0.0, deadline - time.monotonic()))
+            ack = call.result(timeout=max(0.0, deadline - time.monotonic()))
         except grpc.FutureTimeoutError:
-            self._call.cancel()
+            call.cancel()
             raise TransferError(f"no KVPushAck within {timeout:.1f}s") from None
         except grpc.FutureCancelledError:
             why = "D stopped draining chunks (queue full past the deadline)" if self._stalled else "cancelled"
@@ -298,4 +309,6 @@ class GrpcSendHandle(KVSendHandle):
     def abort(self) -> None:
         if not self._aborted:
             self._aborted = True
-            self._call.cancel()
+            self._done.set()
+            if self._call is not None:
+                self._call.cancel()

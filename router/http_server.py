@@ -28,14 +28,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from router.core import Delta, RequestFailed
+from router.core import Delta, GenerateInput, RequestFailed
 from router.frontend import BadRequest, Frontend
 from router.ledger import Overloaded
-from router.openai_format import ChatRequest, CompletionRequest, Renderer, chat_messages
+from router.openai_format import (ChatRequest, CompletionRequest, Renderer, chat_messages,
+                                  describe_error, error_param, read_json, validate)
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ class _Api:
     async def _generate(self, request: Request,
                         model: type[CompletionRequest] | type[ChatRequest]) -> Response:
         try:
-            body = await _read_json(request, self.fe.max_body_bytes)
-            req = _validate(model, body)
+            body = await read_json(request, self.fe.max_body_bytes)
+            req = validate(model, body)
             inp, render = self._prepare(req, request.headers)
         except BadRequest as e:
             logger.info("rejected request: %s (param %s)", e.message, e.param)
@@ -137,7 +137,8 @@ class _Api:
             raise
         return _SSEResponse(_sse(gen, first, render), on_close=gen.aclose)
 
-    def _prepare(self, req: CompletionRequest | ChatRequest, headers: Headers):
+    def _prepare(self, req: CompletionRequest | ChatRequest,
+                 headers: Headers) -> tuple[GenerateInput, Renderer]:
         fe = self.fe
         fe.check_model(req.model)
         if req.n is not None and req.n != 1:
@@ -223,7 +224,7 @@ async def _sse(gen: Any, first: Delta | None, render: Renderer) -> AsyncIterator
             d = await _next(gen)
         raise RequestFailed("internal", "the request ended without a result")
     except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, no [DONE]
-        status, body, _ = failure_info(e)
+        _, body, _ = failure_info(e)
         yield _event(body)
     finally:
         await gen.aclose()
@@ -286,62 +287,6 @@ async def _until_disconnect(request: Request, aw: Awaitable[Any]) -> Any:
     raise _ClientGone()
 
 
-async def _read_json(request: Request, limit: int) -> dict[str, Any]:
-    too_large = BadRequest(f"request body is larger than {limit} bytes", None, 413,
-                           "request_too_large")
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise too_large
-    buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise too_large
-    try:
-        text = bytes(buf).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadRequest(f"request body is not valid UTF-8 (bad byte at offset {e.start})",
-                         code="invalid_utf8") from None
-    if not text.strip():
-        raise BadRequest("request body is empty; expected a JSON object", code="invalid_json")
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BadRequest(f"malformed JSON: {e.msg} (line {e.lineno}, column {e.colno})",
-                         code="invalid_json") from None
-    except (ValueError, RecursionError) as e:   # huge integers, absurd nesting
-        raise BadRequest(f"malformed JSON: {e}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object", code="invalid_json")
-    return body
-
-
-def _validate(model: type[BaseModel], body: dict[str, Any]) -> Any:
-    try:
-        return model.model_validate(body)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise BadRequest(_describe(err), _param(err["loc"])) from None
-
-
-def _param(loc: tuple) -> str | None:
-    # Drop pydantic's union-member tags ("str", "list[int]") from the location.
-    parts: list[str] = []
-    for p in loc:
-        if isinstance(p, int):
-            parts.append(f"[{p}]")
-        elif p.isidentifier() and p not in ("str", "int", "float", "bool", "list", "dict"):
-            parts.append(("." if parts else "") + p)
-    return "".join(parts) or None
-
-
-def _describe(err: dict[str, Any]) -> str:
-    where = _param(err["loc"])
-    if err["type"] == "missing":
-        return f"`{where}` is required"
-    return f"invalid `{where}`: {err['msg']}" if where else err["msg"]
-
-
 # -- errors --------------------------------------------------------------------------------
 def error_response(status: int, message: str, param: str | None = None,
                    code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -382,7 +327,7 @@ def _failure_response(e: Exception) -> JSONResponse:
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     errors = getattr(exc, "errors", lambda: [])()
     if errors:
-        return error_response(400, _describe(errors[0]), _param(tuple(errors[0]["loc"])))
+        return error_response(400, describe_error(errors[0]), error_param(tuple(errors[0]["loc"])))
     return error_response(400, "invalid request")
 
 

@@ -1,16 +1,19 @@
-"""The OpenAI wire format: request bodies (strict pydantic models) and response objects
-(completions, chat completions, their SSE chunks, usage, logprobs).
+"""The OpenAI wire format: request bodies (size limit, UTF-8, JSON, strict pydantic
+models) and response objects (completions, chat completions, their SSE chunks, usage,
+logprobs).
 
 Kept apart from http_server.py so the server stays a thin layer of routes and error
 mapping; nothing here touches the router.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.requests import Request
 
 from router.frontend import BadRequest
 
@@ -245,3 +248,60 @@ class Renderer:
 
 def _finite(v: float) -> float:
     return max(float(v), _LOGPROB_FLOOR) if not math.isnan(v) else _LOGPROB_FLOOR
+
+
+# -- request parsing ----------------------------------------------------------------------
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    too_large = BadRequest(f"request body is larger than {limit} bytes", None, 413,
+                           "request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise too_large
+    try:
+        text = bytes(buf).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"request body is not valid UTF-8 (bad byte at offset {e.start})",
+                         code="invalid_utf8") from None
+    if not text.strip():
+        raise BadRequest("request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"malformed JSON: {e.msg} (line {e.lineno}, column {e.colno})",
+                         code="invalid_json") from None
+    except (ValueError, RecursionError) as e:   # huge integers, absurd nesting
+        raise BadRequest(f"malformed JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def validate(model: type[BaseModel], body: dict[str, Any]) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise BadRequest(describe_error(err), error_param(err["loc"])) from None
+
+
+def error_param(loc: tuple) -> str | None:
+    # Drop pydantic's union-member tags ("str", "list[int]") from the location.
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        elif p.isidentifier() and p not in ("str", "int", "float", "bool", "list", "dict"):
+            parts.append(("." if parts else "") + p)
+    return "".join(parts) or None
+
+
+def describe_error(err: dict[str, Any]) -> str:
+    where = error_param(err["loc"])
+    if err["type"] == "missing":
+        return f"`{where}` is required"
+    return f"invalid `{where}`: {err['msg']}" if where else err["msg"]

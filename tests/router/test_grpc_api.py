@@ -99,6 +99,9 @@ def test_health_and_reflection(channel):
     for service in ("", "pdserve.v1.Generation"):
         resp = health.Check(health_pb2.HealthCheckRequest(service=service))
         assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
     refl = reflection_pb2_grpc.ServerReflectionStub(channel)
     replies = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
         list_services="")]))

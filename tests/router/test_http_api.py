@@ -180,6 +180,18 @@ def test_client_disconnect_mid_stream_frees_blocks(client, served):
     assert served.deployment.router.ledger.counts["cancelled"] == before + 1
 
 
+
+def test_client_gone_during_non_streaming_request_cancels_it(served):
+    ledger = served.deployment.router.ledger
+    before = ledger.counts["cancelled"]
+    with httpx.Client(base_url=served.http_url, timeout=0.5) as short:
+        with pytest.raises(httpx.ReadTimeout):   # the client gives up and hangs up
+            short.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 500,
+                                                "ignore_eos": True, "temperature": 0})
+    stats = served.wait_idle()
+    assert all(s["kv_blocks_in_use"] == 0 for s in stats.values()), stats
+    assert ledger.inflight == 0 and ledger.counts["cancelled"] == before + 1
+
 # -- bad input -----------------------------------------------------------------------------
 BAD = [
     ("chat", b'{"messages": [', 400),
