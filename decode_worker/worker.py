@@ -31,6 +31,8 @@ from kv_transfer.reservations import ReservationEntry, ReservationTable
 
 logger = logging.getLogger(__name__)
 
+ROUTER_GONE_S = 10.0   # a live router polls at least every second
+
 ROLE_PB = {"prefill": worker_pb2.ROLE_PREFILL, "decode": worker_pb2.ROLE_DECODE,
            "both": worker_pb2.ROLE_BOTH}
 
@@ -78,6 +80,9 @@ class DecodeWorker:
         self.dist_listener = None
         self.draining = False
         self._tasks: list[asyncio.Task] = []
+        # router id -> last poll (monotonic). A router that stops polling is gone: its
+        # requests are orphans and are ended here (ROUTER_GONE_S after its last poll).
+        self.last_poll: dict[str, float] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> bytes:
@@ -156,6 +161,9 @@ class DecodeWorker:
         entry = self.table.create(request_id=req.request_id, attempt_id=req.attempt_id,
                                   block_ids=tuple(blocks), num_tokens=len(prompt),
                                   lease_s=lease_s)
+        if self.spec.transport == "ipc":
+            # P copies straight into the blocks; no chunk passes through the receiver
+            self.receiver.expect_peer_writes(entry)
         self.res_ids[key] = entry.reservation_id
         self.routes[key] = (req.router_id, req.request_id, req.attempt_id, 0)
         if req.deadline_unix_ms:
@@ -171,6 +179,13 @@ class DecodeWorker:
             res.transport_params["rank"] = str(self.spec.dist.rank)
         return worker_pb2.ReserveReply(reservation=res,
                                        code=worker_pb2.WORKER_ERROR_NONE).SerializeToString()
+
+    async def cache_handles(self) -> bytes:
+        """ipc transport: this worker's KV cache as CUDA IPC handles (kv_transfer/ipc.py
+        export format, JSON). A prefill worker fetches it once, by a Ray actor lookup of
+        this worker's name, when it first sees one of our reservations."""
+        from kv_transfer.ipc import export_cache_handles
+        return export_cache_handles(self.engine.kv_caches)
 
     async def submit(self, data: bytes) -> bytes:
         """Colocated path: prefill and decode here."""
@@ -223,7 +238,9 @@ class DecodeWorker:
         """Everything produced for this router's requests since its last poll (waits up
         to timeout_s for something to arrive)."""
         box = self.outboxes.setdefault(router_id, Outbox())
+        self.last_poll[router_id] = time.monotonic()
         items = await box.take(timeout_s)
+        self.last_poll[router_id] = time.monotonic()
         return worker_pb2.DecodeOutputBatch(outputs=items, decode_worker_id=self.spec.worker_id
                                             ).SerializeToString()
 
@@ -305,6 +322,19 @@ class DecodeWorker:
         if self.aengine is not None:
             self.aengine.abort(key)
 
+    def _drop_orphans(self, now: float) -> None:
+        gone = {r for r, t in self.last_poll.items() if now - t > ROUTER_GONE_S}
+        if not gone:
+            return
+        for key, (router_id, *_rest) in list(self.routes.items()):
+            if router_id in gone and self.aengine is not None:
+                logger.info("router %s stopped polling: ending orphaned request %s", router_id, key)
+                self.routes.pop(key, None)
+                self.aengine.abort(key)
+        for r in gone:
+            self.last_poll.pop(r, None)
+            self.outboxes.pop(r, None)
+
     async def _reaper(self) -> None:
         """Expire leases (reservations whose KV never completed) and deadlines."""
         period = max(0.05, self.spec.lease_s / 6)
@@ -313,6 +343,7 @@ class DecodeWorker:
             for entry in self.table.expired(time.monotonic()):
                 if self.table.fail(entry.reservation_id, "lease expired") is not None:
                     self._drop_reserved(f"{entry.request_id}/{entry.attempt_id}")
+            self._drop_orphans(time.monotonic())
             now = time.time()
             for key, deadline in list(self.deadlines.items()):
                 if now > deadline and self.aengine is not None:

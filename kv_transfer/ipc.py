@@ -4,7 +4,9 @@
 How this works
 --------------
 1. D exports its cache once per consumer: `export_cache_handles(kv_caches) -> bytes`, a
-   small JSON document (never pickle) that a Ray call carries to P. It holds the fields
+   small JSON document (never pickle) that a Ray call carries to P (P looks D up by its
+   actor name when it first sees one of D's reservations and calls
+   DecodeWorker.cache_handles; see PrefillWorker._attach_ipc). It holds the fields
    of `torch.multiprocessing.reductions.reduce_tensor`'s answer for each exported tensor:
    geometry, dtype, and the CUDA IPC memory / ref-counter / event handles (base64).
    D's cache is normally one buffer [layers, 2, blocks, bs, Hkv, D] whose per-layer
@@ -20,10 +22,12 @@ How this works
 
 What D cannot check here: no chunk passes through D's KVReceiver, so its per-chunk
 checks (attempt id, lease, block ownership) run on P instead (lease and block ids from
-the reservation), and the record carries num_chunks = 0 and kv_checksum = 0. D must
-treat ipc reservations as written by the peer at Complete time, and must not hand a
-released ipc reservation's blocks to another request before its lease has expired: a P
-that has not yet seen the release could still be copying into them.
+the reservation), and the record carries num_chunks = 0 and kv_checksum = 0. D marks
+ipc reservations as written by the peer (KVReceiver.expect_peer_writes), so its Complete
+checks identity, lease and token count only. P's lease check uses the expiry in its copy
+of the reservation, which D may since have renewed: P is conservative, never late.
+D must not hand a released ipc reservation's blocks to another request before its lease
+has expired: a P that has not yet seen the release could still be copying into them.
 """
 from __future__ import annotations
 

@@ -22,11 +22,21 @@ The first failing check after the id match fails the attempt: the entry becomes 
 and on_failed(entry, code, message) runs once, outside the lock, so the owner can free
 the blocks. UNKNOWN/STALE chunks never touch the live entry: a chunk that is not from
 the live attempt must not be able to end it.
+
+Peer-written reservations (the ipc transport): P copies the KV straight into D's blocks
+through a CUDA IPC handle, so no chunk ever reaches receive(). D marks such a
+reservation with expect_peer_writes(entry) when it creates it; complete() then checks
+what D can still know (reservation id, request, attempt, lease, prompt token count) and
+skips the chunk / byte / checksum / coverage checks, which would otherwise reject every
+ipc record. P checks the lease and D's block ids itself before each copy (ipc.py). A
+chunk addressed to a peer-written reservation is dropped without touching it: the two
+modes never mix within one attempt.
 """
 from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -70,6 +80,17 @@ class KVReceiver:
         self._on_failed = on_failed
         self._clock = clock
         self._device = kv_caches[0][0].device
+        # Reservations P writes directly (ipc). Weak: the table owns the entries, and a
+        # popped entry leaves this set with it, so nothing here needs cleaning up.
+        self._peer_written: weakref.WeakSet[ReservationEntry] = weakref.WeakSet()
+
+    def expect_peer_writes(self, entry: ReservationEntry) -> None:
+        """Mark `entry` as written by the peer straight into D's blocks (ipc transport):
+        its Complete is verified without chunk accounting (module docstring)."""
+        self._peer_written.add(entry)
+
+    def is_peer_written(self, entry: ReservationEntry) -> bool:
+        return entry in self._peer_written
 
     # --- chunks -------------------------------------------------------------------------
 
@@ -85,6 +106,10 @@ class KVReceiver:
             return self._reject(header, kv_pb2.KV_STATUS_STALE_ATTEMPT,
                                 f"reservation {entry.reservation_id} is held for request "
                                 f"{entry.request_id} attempt {entry.attempt_id}")
+        if entry in self._peer_written:
+            return self._reject(header, kv_pb2.KV_STATUS_INVALID,
+                                f"reservation {entry.reservation_id} is written by the peer "
+                                "(ipc); chunks are not accepted for it")
         with entry.lock:
             if not entry.live:
                 return self._reject(header, kv_pb2.KV_STATUS_STALE_ATTEMPT,
@@ -233,8 +258,13 @@ class KVReceiver:
             return _ack(kv_pb2.KV_STATUS_UNSPECIFIED, "decode worker could not start the sequence")
 
     def _verify(self, entry: ReservationEntry, record: worker_pb2.CompletionRecord) -> None:
+        # Reservation id, request and attempt were matched by the caller.
         if self._clock() >= entry.expiry:
             raise TransferError("reservation lease expired", kv_pb2.KV_STATUS_EXPIRED)
+        if entry in self._peer_written:
+            # ipc: nothing was counted here; only the token count can still be checked
+            self._check_tokens(entry, record)
+            return
         if record.num_chunks != entry.chunks_received:
             raise TransferError(f"record says {record.num_chunks} chunks, received "
                                 f"{entry.chunks_received}", kv_pb2.KV_STATUS_CORRUPT)
@@ -244,14 +274,18 @@ class KVReceiver:
         if not entry.checksum_skipped and record.kv_checksum != entry.checksum:
             raise TransferError(f"kv_checksum {record.kv_checksum:#010x} != received "
                                 f"{entry.checksum:#010x}", kv_pb2.KV_STATUS_CORRUPT)
-        if record.num_prompt_tokens != entry.num_tokens:
-            raise TransferError(f"record has {record.num_prompt_tokens} prompt tokens, reservation "
-                                f"{entry.num_tokens}", kv_pb2.KV_STATUS_INVALID)
+        self._check_tokens(entry, record)
         want = entry.writable_mask
         missing = [l for l in range(self.layout.num_layers) if entry.coverage.get(l, 0) & want != want]
         if missing:
             raise TransferError(f"no KV received for some blocks of layers {missing[:8]}"
                                 f"{'...' if len(missing) > 8 else ''}", kv_pb2.KV_STATUS_INVALID)
+
+    @staticmethod
+    def _check_tokens(entry: ReservationEntry, record: worker_pb2.CompletionRecord) -> None:
+        if record.num_prompt_tokens != entry.num_tokens:
+            raise TransferError(f"record has {record.num_prompt_tokens} prompt tokens, reservation "
+                                f"{entry.num_tokens}", kv_pb2.KV_STATUS_INVALID)
 
     # --- failure ------------------------------------------------------------------------
 

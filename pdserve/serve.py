@@ -113,7 +113,8 @@ async def serve_main(args: argparse.Namespace, ready: asyncio.Event | None = Non
     if ready is not None:
         ready.set()
     await stop.wait()
-    logger.info("shutting down")
+    left = await dep.router.drain(args.drain_timeout)
+    logger.info("shutting down (%d requests still in flight after the drain)", left)
     await stop_frontends(servers)
     await dep.stop()
     if transport != "local":

@@ -50,6 +50,8 @@ class PrefillWorker:
         self.aengine: AsyncEngine | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.transport = None
+        self._ipc = None                                # the IpcTransport, ipc only
+        self._ipc_attach: dict[str, asyncio.Future] = {}  # decode worker id -> its attach
         # key -> (send handle, number of prompt blocks); read by the engine thread's hook
         self.exports: dict[str, tuple[KVSendHandle, int]] = {}
         self.first: dict[str, asyncio.Future] = {}
@@ -111,7 +113,8 @@ class PrefillWorker:
         if name == "ipc":
             from kv_transfer.ipc import IpcTransport
             from kv_transfer.grpc_transport import GrpcTransport
-            return IpcTransport(control=GrpcTransport(secret=self.spec.secret or None))
+            self._ipc = IpcTransport(control=GrpcTransport(secret=self.spec.secret or None))
+            return self._ipc
         raise ValueError(f"unknown transport {name!r}; known: {sorted(TRANSPORTS)}")
 
     def _fatal(self, e: BaseException) -> None:
@@ -171,6 +174,8 @@ class PrefillWorker:
                           f"reservation has {len(res.block_ids)} blocks, prompt needs {nblocks}")
         assert self.aengine is not None and self.transport is not None
         try:
+            if self._ipc is not None:
+                await self._attach_ipc(res.decode_worker_id)
             handle = self.transport.open(res, task.request_id, task.attempt_id)
         except TransferError as e:
             return _reply(worker_pb2.WORKER_ERROR_TRANSFER, f"cannot reach decode worker: {e}")
@@ -232,6 +237,32 @@ class PrefillWorker:
         finally:
             self.first.pop(key, None)
             self.exports.pop(key, None)
+
+    async def _attach_ipc(self, decode_worker_id: str) -> None:
+        """ipc: open D's KV cache the first time one of its reservations arrives. D is the
+        named Ray actor `decode_worker_id` in pdserve.cluster's namespace; its
+        cache_handles() exports the cache as CUDA IPC handles. One fetch per D, shared by
+        concurrent first requests; a failed fetch is retried by the next reservation.
+        (A restarted D exports a new cache: not handled here, the stale one stays open.)"""
+        fut = self._ipc_attach.get(decode_worker_id)
+        if fut is None:
+            fut = asyncio.ensure_future(self._fetch_ipc(decode_worker_id))
+            self._ipc_attach[decode_worker_id] = fut
+        try:
+            await asyncio.shield(fut)
+        except Exception as e:
+            if self._ipc_attach.get(decode_worker_id) is fut:
+                del self._ipc_attach[decode_worker_id]
+            raise TransferError(f"no KV cache handles from {decode_worker_id}: {e}",
+                                kv_pb2.KV_STATUS_UNKNOWN_RESERVATION) from e
+
+    async def _fetch_ipc(self, decode_worker_id: str) -> None:
+        import ray
+
+        from pdserve.cluster import NAMESPACE  # here: pdserve.cluster imports this module
+        assert self._ipc is not None
+        actor = ray.get_actor(decode_worker_id, namespace=NAMESPACE)
+        self._ipc.attach(decode_worker_id, await actor.cache_handles.remote())
 
     async def _gate(self, phase: str, key: str) -> None:
         if self.gate is not None:

@@ -136,6 +136,7 @@ class Router:
         self._attempts = 0
         self._tasks: list[asyncio.Task] = []
         self.metrics = None                      # RouterMetrics, attached by make_registry
+        self.draining = False                    # SIGTERM: admit nothing new
         self.transport_name = config.transport
         self.events: dict[str, int] = {"retries": 0, "decode_lost": 0, "transfer_failures": 0,
                                        "colocated": 0, "disaggregated": 0}
@@ -154,6 +155,15 @@ class Router:
         self._tasks.append(asyncio.create_task(self._lease_loop()))
         await self._refresh_loads()
 
+    async def drain(self, grace_s: float) -> int:
+        """Stop admitting; wait up to grace_s for the requests in flight to finish.
+        Returns how many were still running."""
+        self.draining = True
+        end = time.monotonic() + grace_s
+        while self.ledger.inflight and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        return self.ledger.inflight
+
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
@@ -161,6 +171,8 @@ class Router:
 
     # -- the request path -----------------------------------------------------------------
     async def generate(self, inp: GenerateInput) -> AsyncIterator[Delta]:
+        if self.draining:
+            raise RequestFailed("unavailable", "server is shutting down")
         rec = self.ledger.admit(len(inp.prompt_token_ids), inp.client_label)
         state = _State(rec)
         self.states[rec.request_id] = state

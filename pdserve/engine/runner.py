@@ -6,9 +6,13 @@ queues or policies. One step:
     prepare (flatten the scheduled chunks, slot mapping, block tables)
     → forward (every layer writes its K/V by slot mapping, then paged attention)
     → logits for the sequences whose chunk reaches their end → sample
+
+On CUDA, a pure-decode step that fits the captured buckets replays a CUDA graph instead
+of the eager forward (pdserve/engine/cuda_graph.py); prepare and sampling are the same.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -16,6 +20,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from pdserve.engine.cuda_graph import CudaGraphConfig, CudaGraphRunner
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.engine.sequence import Sequence
 from pdserve.kernels.metadata import AttentionMetadata
@@ -36,7 +41,8 @@ class StepInputs:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[Tensor, Tensor]],
                  block_size: int, device: torch.device, sampler: Sampler,
-                 block_table_fn: Callable[[str], list[int]]) -> None:
+                 block_table_fn: Callable[[str], list[int]],
+                 cuda_graph: CudaGraphConfig | None = None) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -49,6 +55,24 @@ class ModelRunner:
         self.layer_hook: Callable[[int, list[Sequence]], None] | None = None
         self._exporting: list[Sequence] = []
         self._hooks_installed = False
+        self.graphs = self._make_graphs(cuda_graph or CudaGraphConfig())
+
+    def _make_graphs(self, config: CudaGraphConfig) -> CudaGraphRunner | None:
+        """Decode CUDA graphs, captured now, when the device is CUDA and the model's
+        attention ops are the Triton kernels (the torch reference cannot be captured)."""
+        if not config.enabled or self.device.type != "cuda":
+            return None
+        ops_name = getattr(self.model.model.layers[0].self_attn.ops, "name", None)
+        if ops_name != "triton":
+            logger.info("CUDA graphs off: attention backend %r is not 'triton'", ops_name)
+            return None
+        # A graph cannot serve contexts the cache cannot hold anyway.
+        num_blocks = self.kv_caches[0][0].shape[0]
+        ctx = min(config.max_context_len, num_blocks * self.block_size)
+        graphs = CudaGraphRunner(self.model, self.kv_caches, self.block_size,
+                                 dataclasses.replace(config, max_context_len=ctx))
+        graphs.capture()
+        return graphs
 
     def set_layer_hook(self, hook: Callable[[int, list[Sequence]], None]) -> None:
         self.layer_hook = hook
@@ -111,16 +135,26 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> list[tuple[Sequence, SampleResult]]:
         inp = self.prepare(out)
-        self._exporting = [s for s in inp.sampling_seqs if s.prefill_only]
-        try:
-            hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
-        finally:
-            self._exporting = []
+        logits = self._logits(inp)
         if not inp.sampling_seqs:
             return []
-        logits = self.model.compute_logits(hidden[inp.logits_indices])
         rows = [SamplingRow(params=seq.params, prompt_token_ids=seq.prompt_token_ids,
                             output_token_ids=seq.output_token_ids, generator=seq.generator)
                 for seq in inp.sampling_seqs]
         results = self.sampler(logits, rows)
         return list(zip(inp.sampling_seqs, results))
+
+    def _logits(self, inp: StepInputs) -> Tensor:
+        """Runs the step (writing its KV); logits [S, V] float32 of the sampling rows."""
+        exporting = [s for s in inp.sampling_seqs if s.prefill_only]
+        # Graph replay runs no Python per layer, so steps that stream KV out layer by
+        # layer (prefill role) stay eager.
+        if (self.graphs is not None and not exporting
+                and self.graphs.can_run(inp.meta, inp.input_ids.shape[0])):
+            return self.graphs.replay(inp.input_ids, inp.positions, inp.meta)[inp.logits_indices]
+        self._exporting = exporting
+        try:
+            hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
+        finally:
+            self._exporting = []
+        return self.model.compute_logits(hidden[inp.logits_indices])

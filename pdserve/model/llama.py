@@ -9,6 +9,18 @@ checkpoint maps 1:1 onto `state_dict()`. Family differences are flags of ModelCo
     attention_bias  bias on q/k/v (Qwen2 always; Llama/Qwen3 also on o_proj when set)
     qk_norm         per-head RMSNorm on q and k before RoPE (Qwen3)
 Op order mirrors HF so fp32 greedy decoding matches token for token.
+
+Fused projections: checkpoints load into the HF-named q/k/v and gate/up tensors, then
+`CausalLM.fuse_projections()` (the loader calls it) concatenates each group into one
+weight so a step runs one GEMM for q/k/v and one for gate/up:
+
+    qkv_weight     [(Hq + 2 Hkv) * D, hidden]   rows: q | k | v      (+ qkv_bias, Qwen2)
+    gate_up_weight [2 * intermediate, hidden]   rows: gate | up
+
+The HF-named parameters then become row views into the fused tensor (the originals are
+freed), so `state_dict()` keeps HF's names 1:1 and memory is not doubled. Fuse once the
+model is on its final device and dtype: `.to()` afterwards copies params and fused
+buffers separately (still correct, but twice the memory).
 """
 from __future__ import annotations
 
@@ -52,6 +64,23 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def _fuse_rows(linears: list[nn.Linear], attr: str) -> Tensor | None:
+    """Concatenate `attr` ("weight" or "bias") of `linears` along the output rows and
+    re-point each module's parameter at its row range of the result (a view, so the
+    originals are freed and the HF names still reach the live weights). None if the
+    modules have no such tensor."""
+    parts = [getattr(lin, attr) for lin in linears]
+    if parts[0] is None:
+        return None
+    fused = torch.cat([p.detach() for p in parts], dim=0)
+    start = 0
+    for lin, p in zip(linears, parts):
+        n = p.shape[0]
+        setattr(lin, attr, nn.Parameter(fused[start:start + n], requires_grad=p.requires_grad))
+        start += n
+    return fused
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, ops: AttentionOps):
         super().__init__()
@@ -67,18 +96,36 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * d, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * d, hidden, bias=o_bias)
+        self.q_size, self.kv_size = self.num_heads * d, self.num_kv_heads * d
+        # Set by fuse_projections(); non-persistent, the checkpoint names stay q/k/v_proj.
+        self.register_buffer("qkv_weight", None, persistent=False)  # [q + 2 kv, hidden]
+        self.register_buffer("qkv_bias", None, persistent=False)    # [q + 2 kv] or None
         self.qk_norm = config.qk_norm
         if config.qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps)
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
 
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        linears = [self.q_proj, self.k_proj, self.v_proj]
+        self.qkv_weight = _fuse_rows(linears, "weight")
+        self.qkv_bias = _fuse_rows(linears, "bias")
+
+    def _project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.qkv_weight is None:  # not fused yet (a model built by hand): three GEMMs
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)              # [T, q + 2 kv]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return q, k, v
+
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], kv_cache: KVCache,
                 meta: AttentionMetadata) -> Tensor:
         # x: [T, hidden]; rope: (cos, sin) each [T, 1, D] for this step's positions
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.num_heads, self.head_dim)       # [T, Hq, D]
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)    # [T, Hkv, D]
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)    # [T, Hkv, D]
+        q, k, v = self._project_qkv(x)
+        q = q.view(T, self.num_heads, self.head_dim)                    # [T, Hq, D]
+        k = k.view(T, self.num_kv_heads, self.head_dim)                 # [T, Hkv, D]
+        v = v.view(T, self.num_kv_heads, self.head_dim)                 # [T, Hkv, D]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, k, *rope)
@@ -95,9 +142,20 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        # Set by fuse_projections(); non-persistent, the checkpoint names stay gate/up_proj.
+        self.register_buffer("gate_up_weight", None, persistent=False)  # [2 * I, hidden]
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        self.gate_up_weight = _fuse_rows([self.gate_proj, self.up_proj], "weight")
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # x: [T, hidden]
+        if self.gate_up_weight is None:  # not fused yet: two GEMMs
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)  # 2 x [T, I]
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -137,6 +195,15 @@ class CausalLM(nn.Module):
         self.lm_head: nn.Linear | None = (
             None if config.tie_word_embeddings
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+
+    def fuse_projections(self) -> None:
+        """One GEMM for q/k/v and one for gate/up in every layer (see the module note).
+        Idempotent; call it after the weights are loaded, on the final device and dtype."""
+        for layer in self.model.layers:
+            if layer.self_attn.qkv_weight is None:
+                layer.self_attn.fuse_projections()
+            if layer.mlp.gate_up_weight is None:
+                layer.mlp.fuse_projections()
 
     def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list[KVCache],
                 meta: AttentionMetadata) -> Tensor:

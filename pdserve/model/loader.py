@@ -2,7 +2,9 @@
 
 The model is built on the meta device (no memory, no random init), materialized empty
 on the target device in the target dtype, then filled tensor by tensor straight from the
-checkpoint files, so peak host memory is about one tensor, not one model.
+checkpoint files, so peak host memory is about one tensor, not one model. Tensors load
+under their Hugging Face names; the q/k/v and gate/up projections are fused afterwards
+(`CausalLM.fuse_projections`, see pdserve/model/llama.py).
 
 Accepted layouts:
     model.safetensors                               one file
@@ -96,6 +98,10 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
         raise ValueError(f"tensor {name!r} missing from checkpoint {source} "
                          f"(expected shape {tuple(params[name].shape)}; "
                          f"{len(missing)} missing in all: {missing[:5]})")
+    # Drop our references to the separate q/k/v and gate/up tensors first, so fusing frees
+    # each layer's originals as it goes (peak: one layer's projections, not the model's).
+    del params
+    model.fuse_projections()
     logger.info("loaded %s (%s, %d layers) from %s as %s on %s", config.architecture,
                 config.family, config.num_hidden_layers, model_dir, dtype, device)
     return model

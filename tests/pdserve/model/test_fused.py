@@ -1,0 +1,131 @@
+"""Fused q/k/v and gate/up projections: same logits as the separate GEMMs, same HF names.
+
+Tiny random models (every weight and bias non-trivial) run one mixed step (a ragged
+prefill beside decode rows) and one pure-decode step before and after
+CausalLM.fuse_projections(); the logits must agree to fp32 rounding.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pdserve.config import ModelConfig
+from pdserve.kernels import reference
+from pdserve.kernels.metadata import AttentionMetadata
+from pdserve.model.llama import CausalLM, allocate_kv_caches
+from pdserve.model.loader import SINGLE_FILE, load_model
+
+BLOCK = 4
+
+
+class RefOps:
+    write_kv = staticmethod(reference.write_kv)
+    paged_attention = staticmethod(reference.paged_attention)
+
+
+BASE = {"vocab_size": 96, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "tie_word_embeddings": False}
+FAMILIES = {
+    "llama": {**BASE, "architectures": ["LlamaForCausalLM"]},
+    "llama-bias": {**BASE, "architectures": ["LlamaForCausalLM"], "attention_bias": True},
+    "qwen2": {**BASE, "architectures": ["Qwen2ForCausalLM"], "tie_word_embeddings": True},
+    "qwen3": {**BASE, "architectures": ["Qwen3ForCausalLM"]},
+}
+
+
+def random_model(cfg: dict, seed: int = 0) -> CausalLM:
+    torch.manual_seed(seed)
+    model = CausalLM(ModelConfig.from_dict(cfg), RefOps()).eval().requires_grad_(False)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.copy_(1.0 + 0.1 * torch.randn_like(p))
+        else:
+            p.normal_(0.0, 0.2)
+    return model
+
+
+def run_steps(model: CausalLM) -> list[torch.Tensor]:
+    """A mixed step (prefill of 7 and 5 tokens beside nothing cached) then a pure-decode
+    step of both sequences, on a fresh cache; returns the logits of every token."""
+    kv = allocate_kv_caches(model.config, 8, BLOCK, torch.float32, "cpu")
+    tables = [[5, 2], [7, 0, 3]]
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for lens, start in (([7, 5], [0, 0]), ([1, 1], [7, 5])):
+        ids = torch.randint(0, model.config.vocab_size, (sum(lens),), generator=g)
+        pos, slots = [], []
+        for t, n, s in zip(tables, lens, start):
+            pos += range(s, s + n)
+            slots += [t[p // BLOCK] * BLOCK + p % BLOCK for p in range(s, s + n)]
+        seq_lens = [s + n for s, n in zip(start, lens)]
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots), seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            query_start_loc=torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32),
+            block_tables=torch.tensor([tables[0] + [0], tables[1]], dtype=torch.int32),
+            max_query_len=max(lens), max_seq_len=max(seq_lens), query_lens_cpu=lens,
+            seq_lens_cpu=seq_lens)
+        with torch.no_grad():
+            out.append(model.compute_logits(model(ids, torch.tensor(pos), kv, meta)))
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fused_logits_equal_unfused(family: str) -> None:
+    model = random_model(FAMILIES[family])
+    unfused = run_steps(model)
+    model.fuse_projections()
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.qkv_weight is not None and mlp.gate_up_weight is not None
+    assert (attn.qkv_bias is not None) == model.config.attention_bias
+    fused = run_steps(model)
+    for a, b in zip(unfused, fused):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_weights_are_the_hf_parameters() -> None:
+    """After fusing, state_dict() has HF's names only, each a row view of the fused tensor
+    (no second copy), and loading a state dict writes through to the fused weights."""
+    model = random_model(FAMILIES["qwen2"])
+    names = set(model.state_dict())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.fuse_projections()
+    model.fuse_projections()  # idempotent
+    assert set(model.state_dict()) == names
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    base = attn.qkv_weight.untyped_storage().data_ptr()
+    for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
+        assert lin.weight.untyped_storage().data_ptr() == base
+        assert lin.bias.untyped_storage().data_ptr() == attn.qkv_bias.untyped_storage().data_ptr()
+    for lin in (mlp.gate_proj, mlp.up_proj):
+        assert lin.weight.untyped_storage().data_ptr() == mlp.gate_up_weight.untyped_storage().data_ptr()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], atol=0, rtol=0)
+    assert not any(p.requires_grad for p in model.parameters())
+
+    new_k = torch.randn_like(attn.k_proj.weight)
+    state = model.state_dict()
+    state["model.layers.1.self_attn.k_proj.weight"] = new_k
+    model.load_state_dict(state)
+    q = attn.q_size
+    torch.testing.assert_close(attn.qkv_weight[q:q + attn.kv_size], new_k, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_loader_fuses_after_loading(tmp_path: Path, family: str) -> None:
+    import json
+    cfg = FAMILIES[family]
+    model = random_model(cfg, seed=1)
+    want = run_steps(model)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    save_file(state, str(tmp_path / SINGLE_FILE))
+    loaded = load_model(tmp_path, torch.float32, torch.device("cpu"), RefOps())
+    assert all(layer.self_attn.qkv_weight is not None and layer.mlp.gate_up_weight is not None
+               for layer in loaded.model.layers)
+    for a, b in zip(want, run_steps(loaded)):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
