@@ -138,10 +138,17 @@ async def start_frontends(router: Any, tokenizer: Any, model_name: str, max_mode
     fe = Frontend(router=router, tokenizer=tokenizer, model_name=model_name,
                   max_model_len=max_model_len, api_key=api_key,
                   metrics_registry=make_registry(router))
-    grpc_server, grpc_port = build_grpc_server(fe, args.host, args.grpc_port)
+    tls = None
+    if getattr(args, "tls_cert", None):
+        if not args.tls_key:
+            raise SystemExit("--tls-cert needs --tls-key")
+        with open(args.tls_key, "rb") as k, open(args.tls_cert, "rb") as c:
+            tls = (k.read(), c.read())
+    grpc_server, grpc_port = build_grpc_server(fe, args.host, args.grpc_port, tls=tls)
     await grpc_server.start()
+    ssl = dict(ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key) if tls else {}
     config = uvicorn.Config(build_http_app(fe), host=args.host, port=args.http_port,
-                            log_level="warning", lifespan="off")
+                            log_level="warning", lifespan="off", **ssl)
     http = uvicorn.Server(config)
     http_task = asyncio.create_task(http.serve())
     while not http.started:
