@@ -96,13 +96,13 @@ class CudaGraphRunner:
         self.buckets = batch_buckets(config.max_batch_size)
         self.max_blocks = -(-config.max_context_len // block_size)
         n = self.buckets[-1]
-        i64, i32 = dict(dtype=torch.int64, device=device), dict(dtype=torch.int32, device=device)
-        self.input_ids = torch.zeros(n, **i64)                        # [max_bs]
-        self.positions = torch.zeros(n, **i64)                        # [max_bs]
-        self.slot_mapping = torch.full((n,), -1, **i64)               # [max_bs], -1 = padding
-        self.seq_lens = torch.zeros(n, **i32)                         # [max_bs], 0 = padding
-        self.block_tables = torch.zeros(n, self.max_blocks, **i32)    # [max_bs, max_blocks]
-        self.query_start_loc = torch.arange(n + 1, **i32)             # [max_bs + 1]
+        i64, i32 = torch.int64, torch.int32
+        self.input_ids = torch.zeros(n, dtype=i64, device=device)                 # [max_bs]
+        self.positions = torch.zeros(n, dtype=i64, device=device)                 # [max_bs]
+        self.slot_mapping = torch.full((n,), -1, dtype=i64, device=device)        # -1 = padding
+        self.seq_lens = torch.zeros(n, dtype=i32, device=device)                  # 0 = padding
+        self.block_tables = torch.zeros(n, self.max_blocks, dtype=i32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=i32, device=device)      # [max_bs + 1]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, Tensor] = {}                           # bucket -> [bucket, V] fp32
         self.num_replays = 0
