@@ -309,6 +309,12 @@ class Router:
             v = self.decode_policy.pick([w.view for w in decode], inp.prompt_token_ids)
             dw = self.decode[v.worker_id]
             state.decode_id = v.worker_id
+            # Count this request against the worker before awaiting it, so requests
+            # dispatched together spread out instead of all picking the same worker.
+            need = -(-len(inp.prompt_token_ids) // self.config.block_size)
+            dw.view.inflight += 1
+            dw.view.kv_blocks_free -= need
+            ok = False
             try:
                 if colocated:
                     req = worker_pb2.SubmitRequest(
@@ -328,17 +334,18 @@ class Router:
                     rep2 = worker_pb2.ReserveReply.FromString(
                         await dw.client.reserve(req.SerializeToString()))
                     code, err, result = rep2.code, rep2.error, rep2.reservation
+                ok = code == worker_pb2.WORKER_ERROR_NONE
             except WorkerDied as e:
                 dw.view.healthy = False
                 tried_d.add(v.worker_id)
-                continue_msg = f"decode worker {v.worker_id} died: {e}"
-                logger.warning(continue_msg)
+                logger.warning("decode worker %s died: %s", v.worker_id, e)
                 continue
-            if code == worker_pb2.WORKER_ERROR_NONE:
-                dw.view.inflight += 1
+            finally:
+                if not ok:
+                    dw.view.inflight -= 1
+                    dw.view.kv_blocks_free += need
+            if ok:
                 state.rec.workers.append(v.worker_id)
-                if result is not None:
-                    dw.view.kv_blocks_free -= len(result.block_ids)
                 return result
             if code == worker_pb2.WORKER_ERROR_INVALID:
                 raise RequestFailed("invalid", err)

@@ -20,6 +20,9 @@ def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
     nb, bs, h, d = k_cache.shape
     flat_k = k_cache.view(nb * bs, h, d)
     flat_v = v_cache.view(nb * bs, h, d)
+    # A host read per call: free on CPU tensors (~12 us), a device sync on CUDA. The
+    # serving GPU path (triton_kv) skips negative slots in-kernel; dropping this check
+    # here needs a padding flag in the write_kv signature of both backends.
     if bool((slot_mapping < 0).any()):
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]

@@ -87,10 +87,6 @@ def test_stalls_and_decode_loss(ray_cluster, default_model_dir):
                 break
             await asyncio.sleep(0.05)
         on_d1 = sum(s.decode_id == "decode-1" for s in r.states.values())
-        out["placement"] = [(s.decode_id, s.tokens_sent) for s in r.states.values()]
-        out["views"] = [(k, w.view.kv_blocks_free, w.view.healthy, w.view.inflight)
-                        for k, w in r.decode.items()]
-        out["hist"] = [tuple(rec.workers) for rec in r.ledger.history]
         ray.kill(dep.decode["decode-1"], no_restart=False)
         t_kill = time.monotonic()
         res = await asyncio.wait_for(asyncio.gather(*tasks), 120)
@@ -104,7 +100,6 @@ def test_stalls_and_decode_loss(ray_cluster, default_model_dir):
         return out
 
     out = asyncio.run(run())
-    print({k: out[k] for k in ("placement", "views", "hist", "decode_loss", "on_d1") if k in out})
     assert all(k == "ok" for k, _, _ in out["short"]), out["short"]
     assert out["short_events"]["retries"] == 0 and out["short_events"]["transfer_failures"] == 0
     assert out["detect_s"] <= 3.5, out["detect_s"]
