@@ -48,6 +48,7 @@ VARS: dict[str, _Var] = {
              "auto | torch | triton: attention/KV kernels (auto: triton on CUDA, torch on CPU)"),
         _Var("PDSERVE_NO_PROGRESS", False, _bool, "hide progress bars"),
         _Var("PDSERVE_LOG_LEVEL", "INFO", str, "logging level for pdserve loggers"),
+        _Var("PDSERVE_ENFORCE_EAGER", False, _bool, "never capture CUDA graphs"),
     ]
 }
 
@@ -70,3 +71,7 @@ def attention_backend() -> str:
 
 def no_progress() -> bool:
     return bool(get("PDSERVE_NO_PROGRESS"))
+
+
+def enforce_eager() -> bool:
+    return bool(get("PDSERVE_ENFORCE_EAGER"))

@@ -11,6 +11,8 @@ import torch
 from pdserve.cache.block_pool import BlockPool
 from pdserve.cache.kv_cache_manager import KVCacheManager
 from pdserve.config import EngineConfig, ModelConfig, resolve_dtype
+from pdserve import env
+from pdserve.engine.cuda_graph import CudaGraphConfig
 from pdserve.engine.runner import ModelRunner
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.sequence import (FINISH_ABORT, FINISH_LENGTH, Sequence, SeqStatus)
@@ -23,6 +25,10 @@ from pdserve.sampling.stop import TextStream
 from pdserve.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+# Longest context a captured decode graph serves (its block-table width); longer
+# sequences' steps run eagerly.
+CUDA_GRAPH_MAX_CONTEXT = 16384
 
 
 @dataclass
@@ -72,11 +78,16 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.eos_token_ids = tuple(self.tokenizer.eos_token_ids) or mc.eos_token_ids
         self.sampler = Sampler(self.eos_token_ids, seed=config.seed)
-        self.runner = ModelRunner(self.model, self.kv_caches, cc.block_size, self.device,
-                                  self.sampler, self.kv.block_table)
         capacity = self.num_blocks * cc.block_size
         self.max_model_len = min(config.scheduler.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings, capacity)
+        # CUDA graphs serve decode steps; a prefill-role engine never runs one.
+        graphs = CudaGraphConfig(
+            enabled=config.role != "prefill" and not env.enforce_eager(),
+            max_batch_size=config.scheduler.max_num_seqs,
+            max_context_len=min(self.max_model_len, CUDA_GRAPH_MAX_CONTEXT))
+        self.runner = ModelRunner(self.model, self.kv_caches, cc.block_size, self.device,
+                                  self.sampler, self.kv.block_table, cuda_graph=graphs)
         self.seqs: dict[str, Sequence] = {}
         self.streams: dict[str, TextStream] = {}
         logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
