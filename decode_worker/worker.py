@@ -77,6 +77,7 @@ class DecodeWorker:
                 self.kv_receiver = FaultyReceiver(self.receiver, self.fault_plan)
         self.kv_server = None
         self.kv_endpoint = ""
+        self.metrics_endpoint = ""
         self.dist_listener = None
         self.draining = False
         self._tasks: list[asyncio.Task] = []
@@ -108,6 +109,11 @@ class DecodeWorker:
             peers = list(self.spec.dist.prefill_ranks)
             self.dist_listener = dist.DistKVListener(self.kv_receiver, peers, self.engine.device)
         self._tasks.append(asyncio.create_task(self._reaper()))
+        if self.spec.metrics_port >= 0:
+            from pdserve.worker_metrics import serve_worker_metrics
+            self.metrics_endpoint = serve_worker_metrics(
+                self.spec.worker_id, "decode", self.spec.model_name, self.engine, host,
+                self.spec.metrics_port, lambda: {"kv_reservations_open": float(len(self.table))})
         return self.info().SerializeToString()
 
     def info(self) -> worker_pb2.WorkerInfo:
@@ -117,7 +123,7 @@ class DecodeWorker:
             block_size=self.engine.block_size, num_blocks=self.engine.num_blocks,
             max_model_len=self.engine.max_model_len, model_name=self.spec.model_name,
             node_ip=self.spec.host or node_ip(), dist_rank=max(self.spec.dist.rank, 0),
-            pid=os.getpid())
+            pid=os.getpid(), metrics_endpoint=self.metrics_endpoint)
 
     def _fatal(self, e: BaseException) -> None:
         # The step loop died: end this process so Ray restarts the actor. Open requests

@@ -85,6 +85,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="prompts shorter than this many tokens skip the transfer (served by a decode worker in the both role)")
     p.add_argument("--max-queue", type=int, default=64, help="admission limit: requests in flight per router")
     p.add_argument("--api-key", default=None, help="require this API key (or set PDSERVE_API_KEY)")
+    p.add_argument("--worker-metrics-port", type=int, default=0,
+                   help="each worker's own /metrics port on its node address (0: any free port, -1: off)")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve gRPC and HTTP over TLS")
     p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     p.add_argument("--drain-timeout", type=float, default=30.0,

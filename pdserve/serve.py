@@ -39,6 +39,7 @@ def base_spec(args: argparse.Namespace, model_dir: str, transport: str) -> Worke
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, transport=transport,
         secret=os.environ.get("PDSERVE_INTERNAL_SECRET", ""),
+        metrics_port=getattr(args, "worker_metrics_port", -1),
         dist=_dist_default(transport, args.device))
 
 
@@ -101,7 +102,10 @@ async def serve_main(args: argparse.Namespace, ready: asyncio.Event | None = Non
         f"pdserve ready: model {spec.model_name} | {args.prefill if args.mode == 'disaggregated' else 0} "
         f"prefill + {args.decode} decode workers | transport {transport}\n"
         f"  gRPC   {args.host}:{servers['grpc_port']}  (pdserve.v1.Generation)\n"
-        f"  HTTP   http://{args.host}:{servers['http_port']}/v1  (OpenAI API)\n")
+        f"  HTTP   http://{args.host}:{servers['http_port']}/v1  (OpenAI API)\n"
+        + "".join(f"  worker {k} metrics http://{w.info.metrics_endpoint}/metrics\n"
+                  for k, w in {**dep.router.prefill, **dep.router.decode}.items()
+                  if w.info is not None and w.info.metrics_endpoint))
     sys.stdout.flush()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -42,6 +42,7 @@ class WorkerSpec:
     lease_s: float = 30.0            # decode reservation lease
     transfer_timeout_s: float = 30.0
     dist: DistSpec = field(default_factory=DistSpec)
+    metrics_port: int = -1           # the worker's own /metrics: -1 off, 0 any free port
     faults: str = ""                 # a kv_transfer.faults.FaultPlan as JSON (tests, drills)
 
     def __post_init__(self) -> None:

@@ -87,12 +87,20 @@ class PrefillWorker:
             self.fault_plan = FaultPlan.from_json(self.spec.faults)
             if self.fault_plan.kind in ("reset", "delay", "stall", "drop"):
                 self.transport = FaultyTransport(self.transport, self.fault_plan)
+        metrics_endpoint = ""
+        if self.spec.metrics_port >= 0:
+            from decode_worker.worker import node_ip
+            from pdserve.worker_metrics import serve_worker_metrics
+            metrics_endpoint = serve_worker_metrics(
+                self.spec.worker_id, "prefill", self.spec.model_name, self.engine,
+                self.spec.host or node_ip(), self.spec.metrics_port,
+                lambda: {"kv_exports_open": float(len(self.exports))})
         self._info = worker_pb2.WorkerInfo(
             worker_id=self.spec.worker_id, role=worker_pb2.ROLE_PREFILL,
             compat_hash=self.compat_hash, block_size=self.engine.block_size,
             num_blocks=self.engine.num_blocks, max_model_len=self.engine.max_model_len,
             model_name=self.spec.model_name, dist_rank=max(self.spec.dist.rank, 0),
-            pid=os.getpid())
+            pid=os.getpid(), metrics_endpoint=metrics_endpoint)
 
     def _make_transport(self, local_receivers: dict | None):
         name = self.spec.transport

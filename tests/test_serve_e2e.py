@@ -153,6 +153,13 @@ def test_serve_matches_llm(flags, llm):
             assert _value(m, r'pdserve:kv_transfer_bytes_total\{[^}]*transport="grpc"[^}]*\}') > 0
             assert re.search(r'pdserve:kv_cache_usage_perc\{[^}]*role="prefill"', m)
             assert re.search(r'pdserve:kv_cache_usage_perc\{[^}]*role="decode"', m)
+            # Each worker's own /metrics endpoint, printed at start-up.
+            eps = re.findall(r"worker (\S+) metrics (http://\S+)", srv.read_log())
+            assert {w for w, _ in eps} == {"prefill-0", "decode-0"}
+            for wid, url in eps:
+                wm = httpx.get(url, timeout=10).text
+                assert re.search(rf'pdserve:kv_cache_usage_perc\{{[^}}]*worker="{wid}"', wm)
+                assert wid.startswith("decode") or _value(wm, r"pdserve:prefix_cache_queries_total\{[^}]*\}") > 0
     finally:
         code = srv.stop()
     assert code == 0, "".join(srv.log[-20:])

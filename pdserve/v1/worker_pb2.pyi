@@ -258,7 +258,7 @@ class SubmitReply(_message.Message):
     def __init__(self, code: _Optional[_Union[WorkerErrorCode, str]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "kv_endpoint", "compat_hash", "block_size", "num_blocks", "max_model_len", "model_name", "node_ip", "dist_rank", "pid")
+    __slots__ = ("worker_id", "role", "kv_endpoint", "compat_hash", "block_size", "num_blocks", "max_model_len", "model_name", "node_ip", "dist_rank", "pid", "metrics_endpoint")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     KV_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +270,7 @@ class WorkerInfo(_message.Message):
     NODE_IP_FIELD_NUMBER: _ClassVar[int]
     DIST_RANK_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    METRICS_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: Role
     kv_endpoint: str
@@ -281,4 +282,5 @@ class WorkerInfo(_message.Message):
     node_ip: str
     dist_rank: int
     pid: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., kv_endpoint: _Optional[str] = ..., compat_hash: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., model_name: _Optional[str] = ..., node_ip: _Optional[str] = ..., dist_rank: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+    metrics_endpoint: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., kv_endpoint: _Optional[str] = ..., compat_hash: _Optional[int] = ..., block_size: _Optional[int] = ..., num_blocks: _Optional[int] = ..., max_model_len: _Optional[int] = ..., model_name: _Optional[str] = ..., node_ip: _Optional[str] = ..., dist_rank: _Optional[int] = ..., pid: _Optional[int] = ..., metrics_endpoint: _Optional[str] = ...) -> None: ...
