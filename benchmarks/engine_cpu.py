@@ -226,6 +226,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="HF model directory (default: the embedded default)")
     p.add_argument("--quick", action="store_true", help="~2 minute smoke version")
+    p.add_argument("--levels", default=None,
+                   help="comma-separated concurrency levels (default: the plan's, 16,64)")
     p.add_argument("--hf-batch-sizes", default=None,
                    help="comma-separated HF batch sizes (default 1,4,8,16; add 32,64 if time allows)")
     p.add_argument("--kv-cache-gb", type=float, default=2.0, help="pdserve KV cache")
@@ -264,7 +266,8 @@ def main() -> int:
         "model": model_dir, "torch": torch.__version__, "threads": threads, "cores": cores,
         "cpu": platform.processor() or platform.machine(), "loadavg_start": load_start}
     res["single_stream"] = single_stream(llm, hf, plan, args.seed)
-    res["concurrent"] = [concurrent(llm, hf, plan, n, args.seed, hf_sizes) for n in plan.levels]
+    levels = tuple(int(n) for n in args.levels.split(",")) if args.levels else plan.levels
+    res["concurrent"] = [concurrent(llm, hf, plan, n, args.seed, hf_sizes) for n in levels]
     res["rss"] = rss_flat(llm, plan, args.seed)
     res["loadavg_end"] = os.getloadavg()
     res["seconds"] = time.perf_counter() - t0
