@@ -35,11 +35,16 @@ def free_port() -> int:
 
 
 def start(mode: str) -> tuple[subprocess.Popen, int, int, str]:
+    """Both modes get the same 2 CPUs: one actor with 2 in colocated mode, a prefill and
+    a decode actor with 1 each when disaggregated (Ray sizes each actor's torch threads
+    from its CPUs)."""
     gp, hp = free_port(), free_port()
+    cpus = "2" if mode == "colocated" else "1"
     log = tempfile.NamedTemporaryFile("w+", suffix=f"-{mode}.log", delete=False)
     cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--mode", mode, "--transport", "grpc",
            "--dtype", "float32", "--device", "cpu", "--num-blocks", "1024",
-           "--grpc-port", str(gp), "--http-port", str(hp), "--max-queue", "256"]
+           "--grpc-port", str(gp), "--http-port", str(hp), "--max-queue", "256",
+           "--cpus-per-worker", cpus]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                             env=dict(os.environ, PDSERVE_NO_PROGRESS="1"), start_new_session=True)
     end = time.monotonic() + 300
@@ -70,15 +75,26 @@ def run_mode(mode: str, args: argparse.Namespace, out: Path) -> dict:
     import httpx
     proc, gp, hp, log = start(mode)
     try:
-        res = out / f"pd_cpu_{mode}.json"
-        cmd = [sys.executable, "-m", "pdserve.cli", "bench", "--backend", "grpc",
-               "--target", f"127.0.0.1:{gp}", "--num-prompts", str(args.num_prompts),
-               "--rate-sweep", args.rates, "--input-len", args.input_len,
-               "--output-len", args.output_len, "--seed", "0", "--no-progress",
-               "--result-json", str(res), "--plot", str(out / f"pd_cpu_{mode}.png")]
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        # Warm-up (not measured): first steps of fresh workers are slow.
+        subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "--backend", "grpc",
+                        "--target", f"127.0.0.1:{gp}", "--num-prompts", "8", "--input-len",
+                        args.input_len, "--output-len", "8", "--no-progress", "--seed", "99"],
+                       check=True, cwd=ROOT, capture_output=True)
+        # One bench run per rate, each with its own prompts (seed), so no rate is served
+        # from the prefix cache that an earlier rate filled.
+        runs = []
+        for i, rate in enumerate(args.rates.split(",")):
+            res = out / f"pd_cpu_{mode}_{rate}.json"
+            subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "--backend", "grpc",
+                            "--target", f"127.0.0.1:{gp}", "--num-prompts", str(args.num_prompts),
+                            "--request-rate", rate, "--input-len", args.input_len,
+                            "--output-len", args.output_len, "--seed", str(i + 1),
+                            "--no-progress", "--result-json", str(res),
+                            "--plot", str(out / f"pd_cpu_{mode}_{rate}.png")],
+                           check=True, cwd=ROOT)
+            runs.extend(json.loads(res.read_text())["runs"])
+        data = {"runs": runs}
         m = httpx.get(f"http://127.0.0.1:{hp}/metrics", timeout=10).text
-        data = json.loads(res.read_text())
         data["kv_transfer_seconds_sum"] = metric_sum(m, "pdserve:kv_transfer_seconds_sum")
         data["kv_transfer_seconds_count"] = metric_sum(m, "pdserve:kv_transfer_seconds_count")
         data["kv_transfer_bytes"] = metric_sum(m, "pdserve:kv_transfer_bytes_total")
