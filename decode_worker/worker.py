@@ -139,7 +139,8 @@ class DecodeWorker:
         """Stop the loop, the reaper and the KV listener (in-process use and tests)."""
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
         if self.aengine is not None:
             await self.aengine.stop()
         if self.kv_server is not None:

@@ -54,9 +54,13 @@ class Outbox:
 
     async def take(self, timeout: float) -> list[worker_pb2.DecodeOutput]:
         if not self.items:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+            # cancellation that races with the event being set, and a poller that
+            # cannot be cancelled keeps its router from stopping.
             try:
-                await asyncio.wait_for(self.event.wait(), timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout):
+                    await self.event.wait()
+            except TimeoutError:
                 pass
         items, self.items = self.items, []
         self.event.clear()

@@ -202,8 +202,9 @@ class PrefillWorker:
             # aborts it if this worker is stuck).
             timeout = self._remaining(task, PREFILL_WAIT_MAX_S)
             try:
-                out: RequestOutput = await asyncio.wait_for(asyncio.shield(fut), timeout)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout):      # never swallows a cancel (3.11)
+                    out: RequestOutput = await asyncio.shield(fut)
+            except TimeoutError:
                 self.aengine.abort(key)
                 handle.abort()
                 if task.deadline_unix_ms and time.time() * 1000 >= task.deadline_unix_ms:

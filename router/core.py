@@ -135,6 +135,7 @@ class Router:
         self.states: dict[str, _State] = {}
         self._attempts = 0
         self._tasks: list[asyncio.Task] = []
+        self._stopping = False
         self.metrics = None                      # RouterMetrics, attached by make_registry
         self.draining = False                    # SIGTERM: admit nothing new
         self.transport_name = config.transport
@@ -165,9 +166,15 @@ class Router:
         return self.ledger.inflight
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        self._stopping = True
+        tasks = list(self._tasks)
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if tasks:
+            # Bounded: a background call stuck in a worker must not hang the shutdown.
+            _, pending = await asyncio.wait(tasks, timeout=5)
+            for t in pending:
+                logger.warning("router task %r did not stop within 5 s", t)
 
     # -- the request path -----------------------------------------------------------------
     async def generate(self, inp: GenerateInput) -> AsyncIterator[Delta]:
@@ -420,8 +427,9 @@ class Router:
             return await aw
         left = inp.deadline - time.time()
         try:
-            return await asyncio.wait_for(aw, max(0.0, left))
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(max(0.0, left)):   # never swallows a cancel (3.11)
+                return await aw
+        except TimeoutError:
             raise RequestFailed("deadline", "deadline exceeded") from None
 
     def _abort_attempt(self, state: _State) -> None:
@@ -451,7 +459,7 @@ class Router:
     async def _poller(self, wid: str) -> None:
         """Long-polls one decode worker for this router's outputs; detects its death."""
         w = self.decode[wid]
-        while True:
+        while not self._stopping:
             try:
                 batch = worker_pb2.DecodeOutputBatch.FromString(
                     await w.client.poll(self.router_id, 1.0))
@@ -473,7 +481,7 @@ class Router:
             if st.decode_id == wid and not st.finished:
                 st.queue.put_nowait(_DecodeLost(f"decode worker {wid} lost"))
         # Wait for Ray to restart it, then re-attach (start() is idempotent).
-        while True:
+        while not self._stopping:
             await asyncio.sleep(0.5)
             try:
                 w.info = worker_pb2.WorkerInfo.FromString(await w.client.start())
@@ -486,7 +494,7 @@ class Router:
     async def _lease_loop(self) -> None:
         """Heartbeat (every lease/6) for the reservations of attempts still in prefill."""
         lease_s = self.config.lease_ms / 1000
-        while True:
+        while not self._stopping:
             await asyncio.sleep(lease_s / 6)
             by_decode: dict[str, list[str]] = {}
             for st in self.states.values():
@@ -501,7 +509,7 @@ class Router:
                     t.add_done_callback(self._forget)
 
     async def _load_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.config.load_interval_s)
             await self._refresh_loads()
 
