@@ -115,3 +115,32 @@ def test_write_kv_matches_naive_and_skips_negative_slots(cache_dtype: torch.dtyp
     reference.write_kv(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
     assert (k_cache.view(-1, hkv, d)[[1, 2, 3, 4]] == 7.0).all(), "untouched slots must stay"
+
+
+@pytest.mark.parametrize("chunk_bytes", [0, 1])
+def test_decode_groups_and_chunks_match_naive(chunk_bytes: int, monkeypatch) -> None:
+    """Lengths far apart split into several groups; CHUNK_BYTES=1 forces one row per
+    chunk. Every row, in the batch order, still equals the naive loop, and no NaN from the
+    unwritten tail of a block or a padded table entry reaches the output."""
+    ctx = [3, 40, 2, 41, 17, 0, 90]          # 0: a padded batch row, gets zeros
+    c = _paged_case([n or 1 for n in ctx], [1] * len(ctx), page=4, hkv=2, g=3, d=8)
+    lens = torch.tensor(ctx, dtype=torch.int32)
+    if chunk_bytes:
+        monkeypatch.setattr(reference, "CHUNK_BYTES", chunk_bytes)
+    plan = reference.decode_gather(lens, c["bt"], 4, block_bytes=4 * 2 * 8 * 4)
+    assert len(plan.groups) == len(ctx) - 1 if chunk_bytes else len(plan.groups) >= 2
+    got = reference.decode_attention(c["q"], c["k_cache"], c["v_cache"], lens, c["bt"],
+                                     c["scale"], gather=plan)
+    live = [i for i, n in enumerate(ctx) if n]
+    want = naive_attention(c["q"][live], c["k_cache"], c["v_cache"], [1] * len(live),
+                           [ctx[i] for i in live], c["bt"][live], c["scale"])
+    assert not got.isnan().any()
+    torch.testing.assert_close(got[live], want, atol=1e-5, rtol=1e-5)
+    assert (got[5] == 0).all()
+
+
+def test_partition_trades_padding_against_call_count() -> None:
+    # equal lengths: one group; a long outlier gets its own group
+    assert reference._partition([4] * 10) == [(0, 10)]
+    runs = reference._partition([1] * 20 + [400])
+    assert runs == [(0, 20), (20, 21)]

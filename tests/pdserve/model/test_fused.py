@@ -129,3 +129,16 @@ def test_loader_fuses_after_loading(tmp_path: Path, family: str) -> None:
                for layer in loaded.model.layers)
     for a, b in zip(want, run_steps(loaded)):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 37, 128, 129])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_small_batch_linear_equals_f_linear(rows: int, bias: bool) -> None:
+    from pdserve.model.llama import linear
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 48, generator=g)
+    w = torch.randn(80, 48, generator=g)
+    b = torch.randn(80, generator=g) if bias else None
+    got = linear(x, w, b)
+    assert got.shape == (rows, 80) and got.is_contiguous()
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
