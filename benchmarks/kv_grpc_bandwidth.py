@@ -5,6 +5,10 @@ bf16 cache; P, in this process, pushes one layer of many blocks per attempt thro
 GrpcTransport and waits for the KVPushAck. Reported: payload bytes / (open -> ack) for
 each chunk size, so it includes P's encode + crc, the socket, and D's crc + scatter.
 
+Baseline, same run and same two processes: a bare gRPC client stream of prebuilt
+bytes messages of the chunk size to a handler that drops them (what Python gRPC moves
+on this machine with no KV work at all); the ratio column is pdserve / bare.
+
     python benchmarks/kv_grpc_bandwidth.py [--mib 128] [--repeats 3] [--chunks 1,2,4]
 """
 from __future__ import annotations
@@ -16,6 +20,9 @@ import sys
 import time
 from multiprocessing.connection import Connection
 
+from concurrent import futures
+
+import grpc
 import torch
 
 # one layer-block = 2 * 16 * 8 * 128 * 2 bytes = 64 KiB (a Llama-3-8B-like layer)
@@ -24,8 +31,9 @@ SECRET = "bench"
 
 
 def _serve(conn: Connection, num_blocks: int) -> None:
-    """D: receiver + listener; answers ("reserve",) with a reservation until ("stop",)."""
-    from kv_transfer.grpc_transport import serve_kv
+    """D: receiver + listener, and the bare-stream baseline server; answers ("reserve",)
+    with a reservation until ("stop",)."""
+    from kv_transfer.grpc_transport import channel_options, serve_kv
     from kv_transfer.layout import KVLayout
     from kv_transfer.receiver import KVReceiver
     from kv_transfer.reservations import ReservationTable
@@ -40,6 +48,11 @@ def _serve(conn: Connection, num_blocks: int) -> None:
                           lambda e, c, m: None)
     server, port = serve_kv(receiver, "127.0.0.1", 0, SECRET)
     conn.send(port)
+    raw = grpc.server(futures.ThreadPoolExecutor(4), options=channel_options())
+    raw.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Raw", {
+        "Push": grpc.stream_unary_rpc_method_handler(_drain)}),))
+    conn.send(raw.add_insecure_port("127.0.0.1:0"))
+    raw.start()
     while True:
         msg = conn.recv()
         if msg[0] == "stop":
@@ -49,6 +62,33 @@ def _serve(conn: Connection, num_blocks: int) -> None:
         entry = table.create("bench", 1, range(num_blocks), num_blocks * BLOCK_SIZE, 600.0)
         conn.send((entry.reservation_id, receiver.compat_hash))
     server.stop(0).wait()  # let gRPC threads end before the process exits
+    raw.stop(0).wait()
+
+
+def _drain(request_iterator, context) -> bytes:
+    n = 0
+    for message in request_iterator:
+        n += len(message)
+    return str(n).encode()
+
+
+def _raw_rate(port: int, nbytes: int, chunk: int, repeats: int) -> list[float]:
+    """GB/s of a bare bytes stream: nbytes in messages of `chunk` bytes."""
+    from kv_transfer.grpc_transport import channel_options
+    msg = bytes(chunk)
+    count = nbytes // chunk
+    rates = []
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=channel_options()) as channel:
+        push = channel.stream_unary("/bench.Raw/Push")
+        for i in range(repeats + 1):                   # the first run warms the channel
+            start = time.perf_counter()
+            got = int(push(iter([msg] * count), timeout=120))
+            elapsed = time.perf_counter() - start
+            if got != count * chunk:
+                raise RuntimeError(f"raw stream delivered {got} of {count * chunk} bytes")
+            if i:
+                rates.append(got / elapsed / 1e9)
+    return rates
 
 
 def main() -> None:
@@ -68,6 +108,7 @@ def main() -> None:
     proc = ctx.Process(target=_serve, args=(child, num_blocks), daemon=True)
     proc.start()
     port = parent.recv()
+    raw_port = parent.recv()
     kv = torch.randn(NUM_LAYERS, 2, num_blocks, BLOCK_SIZE, KV_HEADS, HEAD_DIM).to(torch.bfloat16)
     nbytes = kv.numel() * kv.element_size()
     out = sys.stdout
@@ -91,8 +132,11 @@ def main() -> None:
                 if i:
                     rates.append(summary.num_bytes / elapsed / 1e9)
             transport.close()
-            out.write(f"chunk {mib} MiB: {statistics.mean(rates):.2f} GB/s mean, "
-                      f"{max(rates):.2f} best of {args.repeats}\n")
+            raw = _raw_rate(raw_port, nbytes, mib << 20, args.repeats)
+            out.write(f"chunk {mib} MiB: pdserve {statistics.mean(rates):.2f} GB/s mean "
+                      f"({max(rates):.2f} best of {args.repeats}) | bare gRPC bytes stream "
+                      f"{statistics.mean(raw):.2f} GB/s mean ({max(raw):.2f} best) | ratio "
+                      f"{statistics.mean(rates) / statistics.mean(raw):.2f}\n")
     finally:
         parent.send(("stop",))
         proc.join(10)

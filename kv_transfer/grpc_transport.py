@@ -30,7 +30,8 @@ from torch import Tensor
 from kv_transfer.base import (MAX_CHUNK_BYTES, KVSendHandle, KVTransport, SendSummary, TransferError,
                               register)
 from kv_transfer.receiver import KVReceiver
-from kv_transfer.wire import SendLedger, WireChunk, encode_chunks, header_base, parse_chunk, target_block_ids
+from kv_transfer.wire import (OutChunk, SendLedger, WireChunk, encode_chunks, header_base, parse_chunk,
+                             target_block_ids)
 from pdserve.v1 import kv_pb2, kv_pb2_grpc, worker_pb2
 
 logger = logging.getLogger(__name__)
@@ -175,7 +176,12 @@ class GrpcTransport(KVTransport):
             if channel is None:
                 channel = grpc.insecure_channel(endpoint, options=channel_options(self.max_chunk_bytes))
                 self._channels[endpoint] = channel
-        return kv_pb2_grpc.KVTransferStub(channel)
+        stub = kv_pb2_grpc.KVTransferStub(channel)
+        # Push sends OutChunks: their own serializer writes the payload views with one copy.
+        stub.Push = channel.stream_unary(
+            "/pdserve.v1.KVTransfer/Push", request_serializer=OutChunk.SerializeToString,
+            response_deserializer=kv_pb2.KVPushAck.FromString)
+        return stub
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return ((SECRET_METADATA_KEY, self.secret),) if self.secret else ()
@@ -208,7 +214,7 @@ class GrpcSendHandle(KVSendHandle):
         self._t = transport
         self._base = header_base(reservation, request_id, attempt_id)
         self._block_ids = target_block_ids(reservation)
-        self._ledger: SendLedger[kv_pb2.KVChunk] = SendLedger(lambda c: c.header)
+        self._ledger: SendLedger[OutChunk] = SendLedger(lambda c: c.header)
         self._queue: queue.Queue[object] = queue.Queue(maxsize=transport.queue_chunks)
         self._done = threading.Event()      # the call has ended (ack, error or cancel)
         self._aborted = False
@@ -228,7 +234,7 @@ class GrpcSendHandle(KVSendHandle):
             self._call.add_done_callback(lambda _f: self._done.set())
         return self._call
 
-    def _requests(self) -> Iterator[kv_pb2.KVChunk]:
+    def _requests(self) -> Iterator[OutChunk]:
         """Runs on gRPC's request-consumer thread. Polls so that it returns soon after
         the call ends early (D refused a chunk, cancel), instead of blocking forever."""
         while True:

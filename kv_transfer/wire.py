@@ -202,21 +202,92 @@ def plan_chunks(base: kv_pb2.KVChunkHeader, layer_start: int, layer_end: int,
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def _varint_bytes(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+class OutChunk:
+    """A KVChunk on P's side whose payload stays as uint8 views of the sender's KV
+    tensor until it is serialized. SerializeToString() gives the bytes protobuf would
+    (header, field 1, then payload, field 2), assembled with one copy: building a
+    KVChunk message and serializing it would copy the payload three times (tobytes,
+    the message, the serialization), which capped the grpc transport's throughput.
+    The header stays mutable until then (the last chunk gets num_chunks at finish).
+
+    The crc is computed here too, right before the copy, on gRPC's sending thread: the
+    copy then reads bytes the crc just pulled into the CPU cache (on a box whose memory
+    bandwidth is the limit, one DRAM pass less), and the engine thread that called
+    send() never spends time on it. SendLedger reads the crcs at summary(), after every
+    chunk has gone out.
+
+    The views keep `kv` alive; the sender must not modify it afterwards (every caller
+    passes a fresh gather or device->host copy)."""
+
+    __slots__ = ("header", "_parts", "_payload", "_crc_done")
+
+    def __init__(self, header: kv_pb2.KVChunkHeader, parts: list[np.ndarray]) -> None:
+        self.header = header
+        self._parts = parts
+        self._payload: bytes | None = None
+        self._crc_done = False
+
+    def checksum(self) -> int:
+        """The payload's crc32c (computed once, stamped into the header)."""
+        if not self._crc_done:
+            crc = 0
+            for part in self._parts:
+                crc = google_crc32c.extend(crc, part)
+            self.header.crc32c = crc
+            self._crc_done = True
+        return self.header.crc32c
+
+    @property
+    def payload(self) -> bytes:
+        """The payload bytes as sent (a copy; stamps the crc like sending does)."""
+        self.checksum()
+        if self._payload is None:
+            self._payload = b"".join(self._parts)
+        return self._payload
+
+    @payload.setter
+    def payload(self, data: bytes) -> None:   # tests: alter the bytes on the "wire"
+        self.checksum()                        # ... after the sender's crc
+        self._payload, self._parts = bytes(data), []
+
+    def SerializeToString(self) -> bytes:  # noqa: N802 - the protobuf method name
+        self.checksum()
+        parts = self._parts if self._payload is None else [self._payload]
+        head = self.header.SerializeToString()
+        size = sum(memoryview(p).nbytes for p in parts)
+        out = [b"\x0a", _varint_bytes(len(head)), head]
+        if size:
+            out += [b"\x12", _varint_bytes(size), *parts]
+        return b"".join(out)
+
+
 def encode_chunks(base: kv_pb2.KVChunkHeader, layer_start: int, layer_end: int,
                   block_ids: Sequence[int], kv: Tensor, first_chunk_index: int,
-                  max_chunk_bytes: int) -> list[kv_pb2.KVChunk]:
+                  max_chunk_bytes: int) -> list[OutChunk]:
     """Byte chunks for the grpc transport: kv [layers, 2, len(block_ids), bs, Hkv, D]
     (block_ids are D's, in kv's block order). num_chunks is left 0: the sender sets it on
     its last chunk, when it knows the total."""
-    kv = kv.detach().cpu()  # one device->host copy for the whole send
+    kv = kv.detach().cpu().contiguous()  # one device->host copy for the whole send
+    width = _SAME_WIDTH_INT[kv.element_size()]   # numpy has no bfloat16: same-width ints
     chunks = []
     for h, piece in plan_chunks(base, layer_start, layer_end, block_ids, kv,
                                 first_chunk_index, max_chunk_bytes, checksum=False, contiguous=False):
-        # numpy packs the strided view straight into bytes: one copy per chunk, not two.
-        # An integer view of the same width carries bfloat16, which numpy lacks.
-        payload = piece.view(_SAME_WIDTH_INT[piece.element_size()]).numpy().tobytes()
-        h.crc32c = crc32c(payload)
-        chunks.append(kv_pb2.KVChunk(header=h, payload=payload))
+        # piece [l, 2, b, ...] of a contiguous kv: each [l, k/v] slab is one contiguous run,
+        # and the slabs in order are the payload's C order.
+        parts = [piece[i, j].view(width).numpy().view(np.uint8).reshape(-1)
+                 for i in range(piece.shape[0]) for j in range(2)]
+        chunks.append(OutChunk(h, parts))       # crc32c: at serialization
     return chunks
 
 
@@ -230,8 +301,10 @@ class SendLedger(Generic[T]):
         self._header_of = header_of
         self._held: T | None = None
         self.next_index = 0     # chunk_index of the next chunk to plan
-        self.checksum = 0       # crc32c of all payloads planned so far, in order
         self.num_bytes = 0
+        # crc32c of all payloads in order, combined at summary() from the headers: an
+        # OutChunk stamps its crc only when it is serialized
+        self._headers: list[kv_pb2.KVChunkHeader] = []
 
     def push(self, items: Sequence[T]) -> list[T]:
         """Account newly planned chunks (numbered from next_index); returns those that
@@ -241,7 +314,7 @@ class SendLedger(Generic[T]):
             h = self._header_of(item)
             if h.chunk_index != self.next_index:
                 raise ValueError(f"chunk {h.chunk_index} planned out of order (next {self.next_index})")
-            self.checksum = crc32c_combine(self.checksum, h.crc32c, h.payload_bytes)
+            self._headers.append(h)
             self.num_bytes += h.payload_bytes
             self.next_index += 1
             out.append(item)
@@ -256,7 +329,11 @@ class SendLedger(Generic[T]):
         return held
 
     def summary(self) -> SendSummary:
-        return SendSummary(num_chunks=self.next_index, checksum=self.checksum, num_bytes=self.num_bytes)
+        """Call once every chunk is out (after D's ack): all crcs are stamped by then."""
+        checksum = 0
+        for h in self._headers:
+            checksum = crc32c_combine(checksum, h.crc32c, h.payload_bytes)
+        return SendSummary(num_chunks=self.next_index, checksum=checksum, num_bytes=self.num_bytes)
 
 
 # --- D side ---------------------------------------------------------------------------

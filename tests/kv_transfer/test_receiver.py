@@ -139,7 +139,7 @@ def test_rejected_chunk_writes_nothing(name: str, mutate: Callable[[kv_pb2.KVChu
     chunks, _ = transfer(entry)
     assert d.receiver.receive(chunks[0].header, chunks[0].payload)[0] == OK
     bad = kv_pb2.KVChunk()
-    bad.CopyFrom(chunks[1])
+    bad.ParseFromString(chunks[1].SerializeToString())
     mutate(bad, d)
     before = d.snapshot()
     got, message = d.receiver.receive(bad.header, bad.payload)
@@ -179,7 +179,7 @@ def test_prefix_cached_blocks_are_never_written() -> None:
     chunks, kv = transfer(entry)
     assert [list(c.header.block_ids) for c in chunks] == [[2, 7], [0]]
     forged = kv_pb2.KVChunk()
-    forged.CopyFrom(chunks[0])
+    forged.ParseFromString(chunks[0].SerializeToString())
     forged.header.block_ids[0] = 5
     before = d.snapshot()
     assert d.receiver.receive(forged.header, forged.payload)[0] == kv_pb2.KV_STATUS_INVALID

@@ -10,7 +10,7 @@ import torch
 from kv_transfer.base import TransferError
 from kv_transfer.layout import (WIRE_VERSION, KVLayout, dtype_from_proto, dtype_to_proto, gather_blocks,
                                 scatter_blocks)
-from kv_transfer.wire import (SendLedger, crc32c, crc32c_combine, decode_payload, encode_chunks,
+from kv_transfer.wire import (OutChunk, SendLedger, crc32c, crc32c_combine, decode_payload, encode_chunks,
                               parse_chunk, plan_chunks, split_ranges, target_block_ids)
 from pdserve.v1 import kv_pb2, worker_pb2
 
@@ -129,7 +129,7 @@ def test_encode_decode_round_trip_with_uneven_chunks(dtype: torch.dtype) -> None
         assert len(c.payload) == h.payload_bytes <= limit
         assert (h.request_id, h.attempt_id, h.reservation_id, h.compat_hash) == ("req", 3, "res", 42)
         assert (h.layer_start, h.layer_end, h.num_chunks) == (1, 3, 0)
-        assert h.crc32c == google_crc32c.value(c.payload)
+        assert c.checksum() == h.crc32c == google_crc32c.value(c.payload)
         running = google_crc32c.extend(running, c.payload)
         parts.append(decode_payload(h, c.payload, layout))
     assert torch.equal(torch.cat(parts, dim=2), kv)  # bit-exact, bf16 included
@@ -140,6 +140,7 @@ def test_bfloat16_payload_is_the_int16_bytes() -> None:
     layout = KVLayout(1, 2, 1, 4, torch.bfloat16)
     kv = torch.randn(1, 2, 1, 2, 1, 4).to(torch.bfloat16)
     (chunk,) = encode_chunks(base_header(), 0, 1, [0], kv, 0, 1 << 20)
+    chunk.checksum()
     assert chunk.payload == kv.view(torch.int16).numpy().tobytes()
     assert chunk.header.dtype == kv_pb2.KV_DTYPE_BFLOAT16
     assert torch.equal(decode_payload(chunk.header, memoryview(chunk.payload), layout), kv)
@@ -155,9 +156,10 @@ def test_plan_chunks_without_checksum_and_bad_input() -> None:
         encode_chunks(base_header(), 0, 1, [4, 5], kv, 0, 1 << 20)     # 2 ids, 3 blocks
 
 
-def one_chunk(layout: KVLayout) -> kv_pb2.KVChunk:
+def one_chunk(layout: KVLayout) -> OutChunk:
     kv = torch.randn(layout.payload_shape(1, 2)).to(layout.dtype)
     (chunk,) = encode_chunks(base_header(), 0, 1, [1, 2], kv, 0, 1 << 20)
+    chunk.checksum()            # as sending does, so the mutations below come after it
     return chunk
 
 
@@ -182,7 +184,7 @@ def test_decode_payload_rejects(mutate, code: int) -> None:  # type: ignore[no-u
 
 def test_send_ledger_holds_back_the_last_chunk() -> None:
     kv = torch.ones(1, 2, 3, 2, 1, 4)
-    ledger: SendLedger[kv_pb2.KVChunk] = SendLedger(lambda c: c.header)
+    ledger: SendLedger[OutChunk] = SendLedger(lambda c: c.header)
     first = encode_chunks(base_header(), 0, 1, [1, 2, 3], kv, ledger.next_index, 64)
     assert len(first) == 3
     out = ledger.push(first)
@@ -194,6 +196,7 @@ def test_send_ledger_holds_back_the_last_chunk() -> None:
     assert last is not None and (last.header.chunk_index, last.header.num_chunks) == (3, 4)
     running = 0
     for c in first + second:
+        c.SerializeToString()                       # sending stamps each chunk's crc
         running = google_crc32c.extend(running, c.payload)
     s = ledger.summary()
     assert (s.num_chunks, s.checksum, s.num_bytes) == (4, running, sum(len(c.payload) for c in first + second))
@@ -223,3 +226,19 @@ def test_parse_chunk_is_zero_copy_and_strict() -> None:
     for bad in (data[:-1], data[:3], b"\x12\xff", b"\x0b", b"\x12" + b"\xff" * 11):
         with pytest.raises(ValueError):
             parse_chunk(bad)
+
+
+def test_out_chunk_serializes_as_protobuf_would() -> None:
+    """The one-copy serializer of P's chunks gives exactly KVChunk.SerializeToString()
+    (strided source: 2 layers, a block range in the middle), header changes made after
+    encoding included (num_chunks on the last chunk)."""
+    kv = torch.randn(2, 2, 5, 2, 1, 4).to(torch.bfloat16)
+    chunks = encode_chunks(base_header(), 0, 2, [9, 8, 7, 6, 5], kv, 0, 2 * 2 * 2 * 2 * 8)
+    assert len(chunks) > 1
+    chunks[-1].header.num_chunks = len(chunks)
+    for c in chunks:
+        data = c.SerializeToString()
+        assert c.header.crc32c == google_crc32c.value(c.payload) != 0
+        assert data == kv_pb2.KVChunk(header=c.header, payload=c.payload).SerializeToString()
+        wire = parse_chunk(data)
+        assert wire.header == c.header and bytes(wire.payload) == c.payload
