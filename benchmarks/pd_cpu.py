@@ -10,6 +10,9 @@ the P/D hand-off overhead on TTFT beyond the transfer itself:
 and the gRPC transport's loopback bandwidth (benchmarks/kv_grpc_bandwidth.py).
 
     python benchmarks/pd_cpu.py [--rates 0.5,1,2] [--num-prompts 40] [--out benchmarks/out]
+    # the hand-off alone: a rate the prefill worker keeps up with, equal prefill compute
+    python benchmarks/pd_cpu.py --rates 0.1 --num-prompts 12 --input-len 64:256 \
+        --output-len 8:16 --colocated-cpus 1
 """
 from __future__ import annotations
 
@@ -34,12 +37,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(mode: str) -> tuple[subprocess.Popen, int, int, str]:
-    """Both modes get the same 2 CPUs: one actor with 2 in colocated mode, a prefill and
-    a decode actor with 1 each when disaggregated (Ray sizes each actor's torch threads
-    from its CPUs)."""
+def start(mode: str, colocated_cpus: int = 2) -> tuple[subprocess.Popen, int, int, str]:
+    """By default both modes get the same 2 CPUs: one actor with 2 in colocated mode, a
+    prefill and a decode actor with 1 each when disaggregated (Ray sizes each actor's
+    torch threads from its CPUs). --colocated-cpus 1 gives the colocated worker the
+    prefill worker's compute instead, which isolates the hand-off in the TTFT comparison."""
     gp, hp = free_port(), free_port()
-    cpus = "2" if mode == "colocated" else "1"
+    cpus = str(colocated_cpus) if mode == "colocated" else "1"
     log = tempfile.NamedTemporaryFile("w+", suffix=f"-{mode}.log", delete=False)
     cmd = [sys.executable, "-m", "pdserve.cli", "serve", "--mode", mode, "--transport", "grpc",
            "--dtype", "float32", "--device", "cpu", "--num-blocks", "1024",
@@ -73,7 +77,7 @@ def metric_sum(text: str, name: str) -> float:
 
 def run_mode(mode: str, args: argparse.Namespace, out: Path) -> dict:
     import httpx
-    proc, gp, hp, log = start(mode)
+    proc, gp, hp, log = start(mode, args.colocated_cpus)
     try:
         # Warm-up (not measured): first steps of fresh workers are slow.
         subprocess.run([sys.executable, "-m", "pdserve.cli", "bench", "--backend", "grpc",
@@ -109,6 +113,8 @@ def main() -> int:
     ap.add_argument("--num-prompts", type=int, default=40)
     ap.add_argument("--input-len", default="64:512")
     ap.add_argument("--output-len", default="16:64")
+    ap.add_argument("--colocated-cpus", type=int, default=2,
+                    help="CPUs of the colocated worker (1: the prefill worker's, for the hand-off)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -119,7 +125,8 @@ def main() -> int:
     n = max(1.0, dis["kv_transfer_seconds_count"])
     transfer_ms = 1000 * dis["kv_transfer_seconds_sum"] / n
     rows = []
-    print(f"\nKV transfer (P's first token -> D's ack): mean {transfer_ms:.1f} ms over {n:.0f} "
+    print(f"\ncolocated worker: {args.colocated_cpus} CPU(s); prefill and decode workers: 1 each")
+    print(f"KV transfer (P's first token -> D's ack): mean {transfer_ms:.1f} ms over {n:.0f} "
           f"requests, {dis['kv_transfer_bytes'] / n / 1e6:.2f} MB each")
     print(f"{'rate':>6} | {'TTFT p50 ms (D / C)':>22} | {'TPOT p50 ms (D / C)':>22} | "
           f"{'out tok/s (D / C)':>20} | {'handoff overhead':>16}")

@@ -78,6 +78,16 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(var + self.eps)
         return self.weight * x.to(dtype)
 
+    def add_norm(self, x: Tensor, residual: Tensor | None,
+                 fused: bool = False) -> tuple[Tensor, Tensor]:
+        """(norm(residual + x), residual + x), HF's residual stream; with residual None,
+        (norm(x), x). fused: one Triton kernel instead of ~8 torch ops."""
+        if fused:
+            from pdserve.kernels import triton_fused
+            return triton_fused.add_rms_norm(x, residual, self.weight, self.eps)
+        s = x if residual is None else residual + x
+        return self(s), s
+
 
 def _fuse_rows(linears: list[nn.Linear], attr: str) -> Tensor | None:
     """Concatenate `attr` ("weight" or "bias") of `linears` along the output rows and
@@ -134,7 +144,7 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], kv_cache: KVCache,
-                meta: AttentionMetadata) -> Tensor:
+                meta: AttentionMetadata, fused: bool = False) -> Tensor:
         # x: [T, hidden]; rope: (cos, sin) each [T, 1, D] for this step's positions
         T = x.shape[0]
         q, k, v = self._project_qkv(x)
@@ -143,7 +153,11 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)                 # [T, Hkv, D]
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, *rope)
+        if fused:
+            from pdserve.kernels import triton_fused
+            q, k = triton_fused.rotary(q, k, *rope)
+        else:
+            q, k = apply_rotary(q, k, *rope)
         k_cache, v_cache = kv_cache
         # Write first: the new tokens attend to themselves through the cache.
         self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -165,8 +179,12 @@ class MLP(nn.Module):
     def fuse_projections(self) -> None:
         self.gate_up_weight = _fuse_rows([self.gate_proj, self.up_proj], "weight")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
         # x: [T, hidden]
+        if fused and self.gate_up_weight is not None:
+            from pdserve.kernels import triton_fused
+            return F.linear(triton_fused.silu_and_mul(F.linear(x, self.gate_up_weight)),
+                            self.down_proj.weight)
         if self.gate_up_weight is None:  # not fused yet: two GEMMs
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
@@ -182,10 +200,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, h: Tensor, rope: tuple[Tensor, Tensor], kv_cache: KVCache,
-                meta: AttentionMetadata) -> Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, kv_cache, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: Tensor, residual: Tensor | None, rope: tuple[Tensor, Tensor],
+                kv_cache: KVCache, meta: AttentionMetadata) -> tuple[Tensor, Tensor]:
+        """h: the previous layer's output (before its residual add); residual: the stream
+        so far (None at layer 0). Returns this layer's (output, residual), so each
+        residual add fuses into the next norm. The Triton attention backend also runs
+        the fused elementwise kernels (pdserve/kernels/triton_fused.py)."""
+        fused = getattr(self.self_attn.ops, "name", None) == "triton"
+        x, residual = self.input_layernorm.add_norm(h, residual, fused)
+        x = self.self_attn(x, rope, kv_cache, meta, fused)
+        x, residual = self.post_attention_layernorm.add_norm(x, residual, fused)
+        return self.mlp(x, fused), residual
 
 
 class LlamaModel(nn.Module):
@@ -229,9 +254,11 @@ class CausalLM(nn.Module):
                              f"{len(self.model.layers)} layers")
         h = self.model.embed_tokens(input_ids)                            # [T, hidden]
         rope = self.model.rotary_emb(positions, h.dtype)                  # 2 x [T, 1, D]
+        residual: Tensor | None = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
-            h = layer(h, rope, kv_cache, meta)
-        return self.model.norm(h)
+            h, residual = layer(h, residual, rope, kv_cache, meta)
+        fused = getattr(self.model.layers[0].self_attn.ops, "name", None) == "triton"
+        return self.model.norm.add_norm(h, residual, fused)[0]
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         # hidden: [n, hidden] (usually each sequence's last token) -> [n, vocab] float32

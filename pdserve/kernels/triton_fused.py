@@ -1,0 +1,153 @@
+"""Fused elementwise Triton kernels of the GPU decoder layer.
+
+A decode step of a small batch is a long chain of tiny kernels: in eager torch every
+RMSNorm is ~7 launches (cast, square, mean, add, rsqrt, mul, cast, mul), rotary ~10,
+SiLU-and-mul 2, the residual add 1. Inside a CUDA graph each still costs a few
+microseconds, which at batch 1 on an 8B model added ~2 ms to a ~5 ms weights-read
+roofline (benchmarks/RESULTS.md, decode step profile). These kernels do each group in
+one launch:
+
+    add_rms_norm(x, residual, w)  s = residual + x (stored as the new residual), rmsnorm(s)
+    silu_and_mul(gate_up)         silu(gate) * up
+    rotary(q, k, cos, sin)        q, k rotated ("rotate_half" convention)
+
+Numerics follow Hugging Face's eager ops in the activation dtype: every torch op that
+rounds to bf16/fp16 there rounds here at the same point (the residual sum, the
+normalized value before the weight, silu before the product, each rotary product
+before the sum), with float32 in between. The torch forms in `reference_*` below are
+the oracle the tests compare against.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from pdserve.kernels.triton_kv import check_runnable
+
+
+# --- residual add + RMSNorm --------------------------------------------------------------
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r,
+                         stride_o, stride_ro, n_cols, eps,
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        s = (r.to(tl.float32) + x.to(tl.float32)).to(x.dtype)     # rounds like torch's add
+        tl.store(res_out_ptr + row * stride_ro + cols, s, mask=mask)
+    else:
+        s = x
+    sf = s.to(tl.float32)
+    var = tl.sum(sf * sf, axis=0) / n_cols
+    normed = (sf * (1.0 / tl.sqrt(var + eps))).to(x.dtype)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    out = (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + cols, out, mask=mask)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor,
+                 eps: float) -> tuple[Tensor, Tensor]:
+    """x, residual: [T, H]. Returns (rmsnorm(residual + x) * weight, residual + x); with
+    residual None, (rmsnorm(x) * weight, x)."""
+    check_runnable(x, weight)
+    T, H = x.shape
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x) if residual is not None else x
+    if T:
+        res = residual if residual is not None else x
+        _add_rms_norm_kernel[(T,)](
+            x, res, weight, out, res_out, x.stride(0), res.stride(0), out.stride(0),
+            res_out.stride(0), H, eps, HAS_RESIDUAL=residual is not None,
+            BLOCK=triton.next_power_of_2(H))
+    return out, res_out
+
+
+def reference_add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor,
+                           eps: float) -> tuple[Tensor, Tensor]:
+    s = x if residual is None else residual + x
+    sf = s.float()
+    normed = (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + eps)).to(s.dtype)
+    return weight * normed, s
+
+
+# --- SiLU and multiply -------------------------------------------------------------------
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
+    act = (g / (1.0 + tl.exp(-g))).to(u.dtype)                      # F.silu rounds here
+    out = (act.to(tl.float32) * u.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + cols, out, mask=mask)
+
+
+def silu_and_mul(x: Tensor) -> Tensor:
+    """x: [T, 2I] (gate | up) -> silu(gate) * up, [T, I]."""
+    check_runnable(x)
+    T, two_i = x.shape
+    n = two_i // 2
+    out = torch.empty(T, n, dtype=x.dtype, device=x.device)
+    if T:
+        block = min(1024, triton.next_power_of_2(n))
+        _silu_and_mul_kernel[(T, triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), n,
+                                                          BLOCK=block)
+    return out
+
+
+def reference_silu_and_mul(x: Tensor) -> Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
+# --- rotary embedding --------------------------------------------------------------------
+@triton.jit
+def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, stride_xt, stride_xh, stride_ot,
+                   stride_oh, stride_ct, HALF: tl.constexpr, BLOCK: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    i = tl.arange(0, BLOCK)
+    mask = i < HALF
+    base = x_ptr + tok * stride_xt + head * stride_xh
+    x1 = tl.load(base + i, mask=mask, other=0.0)
+    x2 = tl.load(base + HALF + i, mask=mask, other=0.0)
+    c1 = tl.load(cos_ptr + tok * stride_ct + i, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_ptr + tok * stride_ct + HALF + i, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_ptr + tok * stride_ct + i, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_ptr + tok * stride_ct + HALF + i, mask=mask, other=0.0).to(tl.float32)
+    dt = x1.dtype
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1); each product and the sum
+    # round to the activation dtype as the three torch ops do.
+    o1 = ((f1 * c1).to(dt).to(tl.float32) + (-f2 * s1).to(dt).to(tl.float32)).to(dt)
+    o2 = ((f2 * c2).to(dt).to(tl.float32) + (f1 * s2).to(dt).to(tl.float32)).to(dt)
+    obase = out_ptr + tok * stride_ot + head * stride_oh
+    tl.store(obase + i, o1, mask=mask)
+    tl.store(obase + HALF + i, o2, mask=mask)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    T, H, D = x.shape
+    out = torch.empty(T, H, D, dtype=x.dtype, device=x.device)
+    if T:
+        _rotary_kernel[(T, H)](x, cos, sin, out, x.stride(0), x.stride(1), out.stride(0),
+                               out.stride(1), cos.stride(0), HALF=D // 2,
+                               BLOCK=triton.next_power_of_2(D // 2))
+    return out
+
+
+def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """q: [T, Hq, D], k: [T, Hkv, D] (last dim contiguous, any row strides: views of the
+    fused qkv output); cos, sin: [T, 1, D] in q's dtype. Returns new contiguous q, k."""
+    check_runnable(q, k, cos, sin)
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or cos.stride(-1) != 1 or sin.stride(-1) != 1:
+        raise ValueError("rotary needs a contiguous last dimension")
+    if cos.stride(0) != sin.stride(0):
+        raise ValueError("cos and sin must share a layout")
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
