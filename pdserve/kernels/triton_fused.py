@@ -108,38 +108,42 @@ def reference_silu_and_mul(x: Tensor) -> Tensor:
 
 # --- rotary embedding --------------------------------------------------------------------
 @triton.jit
-def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, stride_xt, stride_xh, stride_ot,
-                   stride_oh, stride_ct, HALF: tl.constexpr, BLOCK: tl.constexpr):
-    tok = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+def _rotate_row(base, obase, cos_row, sin_row, HALF: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.arange(0, BLOCK)
     mask = i < HALF
-    base = x_ptr + tok * stride_xt + head * stride_xh
     x1 = tl.load(base + i, mask=mask, other=0.0)
     x2 = tl.load(base + HALF + i, mask=mask, other=0.0)
-    c1 = tl.load(cos_ptr + tok * stride_ct + i, mask=mask, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + tok * stride_ct + HALF + i, mask=mask, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + tok * stride_ct + i, mask=mask, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + tok * stride_ct + HALF + i, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(cos_row + i, mask=mask, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_row + HALF + i, mask=mask, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_row + i, mask=mask, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_row + HALF + i, mask=mask, other=0.0).to(tl.float32)
     dt = x1.dtype
     f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
     # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1); each product and the sum
     # round to the activation dtype as the three torch ops do.
     o1 = ((f1 * c1).to(dt).to(tl.float32) + (-f2 * s1).to(dt).to(tl.float32)).to(dt)
     o2 = ((f2 * c2).to(dt).to(tl.float32) + (f1 * s2).to(dt).to(tl.float32)).to(dt)
-    obase = out_ptr + tok * stride_ot + head * stride_oh
     tl.store(obase + i, o1, mask=mask)
     tl.store(obase + HALF + i, o2, mask=mask)
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    T, H, D = x.shape
-    out = torch.empty(T, H, D, dtype=x.dtype, device=x.device)
-    if T:
-        _rotary_kernel[(T, H)](x, cos, sin, out, x.stride(0), x.stride(1), out.stride(0),
-                               out.stride(1), cos.stride(0), HALF=D // 2,
-                               BLOCK=triton.next_power_of_2(D // 2))
-    return out
+@triton.jit
+def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_kot,
+                   stride_ct, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   HALF: tl.constexpr, BLOCK: tl.constexpr):
+    # one launch for q and k: heads [0, Hq) are q's, [Hq, Hq + Hkv) k's
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    cos_row = cos_ptr + tok * stride_ct
+    sin_row = sin_ptr + tok * stride_ct
+    if head < NUM_Q_HEADS:
+        _rotate_row(q_ptr + tok * stride_qt + head * stride_qh,
+                    qo_ptr + tok * stride_qot + head * HEAD_DIM, cos_row, sin_row, HALF, BLOCK)
+    else:
+        kh = head - NUM_Q_HEADS
+        _rotate_row(k_ptr + tok * stride_kt + kh * stride_kh,
+                    ko_ptr + tok * stride_kot + kh * HEAD_DIM, cos_row, sin_row, HALF, BLOCK)
 
 
 def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -150,4 +154,13 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tens
         raise ValueError("rotary needs a contiguous last dimension")
     if cos.stride(0) != sin.stride(0):
         raise ValueError("cos and sin must share a layout")
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+    T, hq, d = q.shape
+    hkv = k.shape[1]
+    q_out = torch.empty(T, hq, d, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(T, hkv, d, dtype=k.dtype, device=k.device)
+    if T:
+        _rotary_kernel[(T, hq + hkv)](
+            q, k, cos, sin, q_out, k_out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+            q_out.stride(0), k_out.stride(0), cos.stride(0), NUM_Q_HEADS=hq, HEAD_DIM=d,
+            HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2))
+    return q_out, k_out
