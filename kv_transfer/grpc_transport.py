@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from typing import TypeVar
 from concurrent import futures
 
 import grpc
@@ -29,12 +30,15 @@ from torch import Tensor
 
 from kv_transfer.base import (MAX_CHUNK_BYTES, KVSendHandle, KVTransport, SendSummary, TransferError,
                               register)
+from kv_transfer.malloc import use_heap_for_chunks
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.wire import (OutChunk, SendLedger, WireChunk, encode_chunks, header_base, parse_chunk,
                              target_block_ids)
 from pdserve.v1 import kv_pb2, kv_pb2_grpc, worker_pb2
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SECRET_METADATA_KEY = "x-pdserve-secret"
 _HEADROOM = 64 * 1024
@@ -91,7 +95,7 @@ class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
              context: grpc.ServicerContext) -> kv_pb2.KVPushAck:
         self._authenticate(context)  # before reading any chunk
         accepted, nbytes = 0, 0
-        for chunk in request_iterator:
+        for chunk in read_ahead(request_iterator, _READ_AHEAD):
             payload = chunk.payload  # once: on a protobuf KVChunk each access copies
             code, message = self._receiver.receive(chunk.header, payload)
             if code != kv_pb2.KV_STATUS_OK:
@@ -106,6 +110,51 @@ class KVTransferServicer(kv_pb2_grpc.KVTransferServicer):
                  context: grpc.ServicerContext) -> kv_pb2.CompleteAck:
         self._authenticate(context)
         return self._receiver.complete(request)
+
+
+_READ_AHEAD = 2
+_STOP = object()
+
+
+def read_ahead(iterator: Iterator[T], depth: int) -> Iterator[T]:
+    """Iterate `iterator` on a helper thread, up to `depth` items ahead of the consumer.
+    D's Push handler uses it so that gRPC delivers the next chunk while this thread
+    checks and writes the current one (crc32c and the cache copy release the GIL).
+    Exceptions from the iterator are re-raised here, in order. When the consumer stops
+    early (a refused chunk ends the call), the helper stops at its next item: gRPC
+    ends the request iterator when the handler returns."""
+    items: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stopped = threading.Event()
+
+    def offer(item: object) -> bool:
+        while not stopped.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False  # the consumer has gone
+
+    def pump() -> None:
+        try:
+            for item in iterator:
+                if not offer(item):
+                    return
+            offer(_STOP)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            offer(e)
+
+    threading.Thread(target=pump, name="pdserve-kv-read", daemon=True).start()
+    try:
+        while True:
+            item = items.get()
+            if item is _STOP:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stopped.set()
 
 
 def _handlers(servicer: KVTransferServicer) -> grpc.GenericRpcHandler:
@@ -131,6 +180,7 @@ def serve_kv(receiver: KVReceiver, host: str, port: int = 0, secret: str | None 
         logger.warning("KV listener bound to all interfaces (%s) as configured", host)
     if not secret:
         logger.warning("KV listener on %s has no shared secret: any peer may push KV", host)
+    use_heap_for_chunks()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers, thread_name_prefix="pdserve-kv"),
                          options=channel_options(max_chunk_bytes) + _SERVER_KEEPALIVE)
     server.add_generic_rpc_handlers((_handlers(KVTransferServicer(receiver, secret)),))
@@ -167,6 +217,7 @@ class GrpcTransport(KVTransport):
         self.send_timeout_s = send_timeout_s       # longest a send() waits on a full queue
         self._lock = threading.Lock()
         self._channels: dict[str, grpc.Channel] = {}
+        use_heap_for_chunks()
 
     def _stub(self, endpoint: str) -> kv_pb2_grpc.KVTransferStub:
         if not endpoint:
@@ -206,6 +257,7 @@ class GrpcTransport(KVTransport):
 
 
 _END = object()  # queue marker: no more chunks
+
 
 
 class GrpcSendHandle(KVSendHandle):
