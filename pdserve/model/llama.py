@@ -42,13 +42,25 @@ KVCache = tuple[Tensor, Tensor]  # (k_cache, v_cache), each [num_blocks, block_s
 # equal at 1 row and from ~256 rows on. (Both operands contiguous: a transposed x, i.e.
 # a column-major x^T, is what makes it fast; the output is copied back to row-major.)
 CPU_SMALL_BATCH_MAX = 128
+# One row (a single stream's decode step) against a tall weight: the same BLAS's GEMV is
+# slower than its 2-column GEMM, so the row is duplicated and one result column kept
+# (same box: 576 -> 49152 10.2 -> 7.9 ms, 576 -> 3072 0.36 -> 0.31 ms; single-stream
+# decode of the default model +12%, benchmarks/RESULTS.md). Below 2048 output rows the
+# GEMV is the faster one (576 -> 960: 0.056 vs 0.107 ms).
+CPU_GEMV_AS_GEMM_MIN_ROWS = 2048
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear, with the small-batch CPU orientation above. x: [T, K]."""
-    if x.device.type != "cpu" or x.dim() != 2 or not 1 < x.shape[0] <= CPU_SMALL_BATCH_MAX:
+    """F.linear, with the small-batch CPU orientations above. x: [T, K]."""
+    if x.device.type != "cpu" or x.dim() != 2:
         return F.linear(x, weight, bias)
-    out = torch.mm(weight, x.contiguous().t()).t().contiguous()
+    rows = x.shape[0]
+    if rows == 1 and weight.shape[0] >= CPU_GEMV_AS_GEMM_MIN_ROWS:
+        out = torch.mm(weight, x.repeat(2, 1).t())[:, :1].t().contiguous()
+    elif 1 < rows <= CPU_SMALL_BATCH_MAX:
+        out = torch.mm(weight, x.contiguous().t()).t().contiguous()
+    else:
+        return F.linear(x, weight, bias)
     return out if bias is None else out + bias
 
 

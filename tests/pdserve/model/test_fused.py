@@ -142,3 +142,17 @@ def test_cpu_small_batch_linear_equals_f_linear(rows: int, bias: bool) -> None:
     got = linear(x, w, b)
     assert got.shape == (rows, 80) and got.is_contiguous()
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("out_rows", [80, 2048, 4100])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_single_row_linear_equals_f_linear(out_rows: int, bias: bool) -> None:
+    """One row against a tall weight goes through a 2-column GEMM (CPU_GEMV_AS_GEMM_MIN_ROWS)."""
+    from pdserve.model.llama import linear
+    g = torch.Generator().manual_seed(out_rows)
+    x = torch.randn(1, 48, generator=g)
+    w = torch.randn(out_rows, 48, generator=g)
+    b = torch.randn(out_rows, generator=g) if bias else None
+    got = linear(x, w, b)
+    assert got.shape == (1, out_rows) and got.is_contiguous()
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
