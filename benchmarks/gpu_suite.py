@@ -232,6 +232,10 @@ def table(r: dict[str, Any], meta: dict[str, Any]) -> list[str]:
                 lines.append(f"   {m['mode']:<14} {m['transport']:<9} {x['rate']:>5}  "
                              f"{x['ttft_median_ms']:7.1f}/{x['ttft_p90_ms']:7.1f}  "
                              f"{x['output_tok_s']:10.0f}  {x['complete']}")
+                phases = x.get("ttft_phases_median_ms") or {}
+                if phases:
+                    lines.append("      TTFT legs, median ms: " + ", ".join(
+                        f"{k} {v:.1f}" for k, v in phases.items()))
         for rate, ratio in f.get("ttft_ratio_disagg_vs_colocated", {}).items():
             lines.append(f"   TTFT disaggregated / colocated at {rate} req/s: {ratio:.3f}")
     lines.append("Goals:")

@@ -618,16 +618,17 @@ async def _load(router: Any, reqs: list[Req], rate: float, seed: int) -> dict:
         t += rng.expovariate(rate)
     t0 = time.perf_counter()
 
-    async def one(req: Req, when: float) -> tuple[float, int, float]:
+    async def one(req: Req, when: float) -> tuple[float, int, float, str]:
         await asyncio.sleep(max(0.0, when - (time.perf_counter() - t0)))
         start = time.perf_counter()
-        ttft, n = math.nan, 0
+        ttft, n, rid = math.nan, 0, ""
         params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True)
         async for delta in router.generate(GenerateInput(req.ids, params)):
             if delta.token_ids and n == 0:
                 ttft = time.perf_counter() - start
             n += len(delta.token_ids)
-        return ttft, n, time.perf_counter()
+            rid = delta.request_id
+        return ttft, n, time.perf_counter(), rid
 
     res = await asyncio.gather(*(one(r, w) for r, w in zip(reqs, at)))
     ttfts = sorted(r[0] for r in res)
@@ -636,7 +637,31 @@ async def _load(router: Any, reqs: list[Req], rate: float, seed: int) -> dict:
     return {"rate": rate, "requests": len(reqs), "ttft_median_ms": 1e3 * statistics.median(ttfts),
             "ttft_p90_ms": 1e3 * ttfts[int(0.9 * (len(ttfts) - 1))],
             "ttft_mean_ms": 1e3 * statistics.fmean(ttfts), "output_tokens": tokens,
-            "output_tok_s": tokens / span, "complete": tokens == sum(r.max_tokens for r in reqs)}
+            "output_tok_s": tokens / span, "complete": tokens == sum(r.max_tokens for r in reqs),
+            "ttft_phases_median_ms": ttft_phases(router, {r[3] for r in res})}
+
+
+def ttft_phases(router: Any, request_ids: set[str]) -> dict[str, float]:
+    """Median ms of each leg of TTFT, from the router's ledger records: admission ->
+    blocks reserved (or colocated submit accepted) -> P's prefill call returned (P's own
+    prefill and transfer times inside it) -> first token at the router."""
+    recs = [r for r in router.ledger.history if r.request_id in request_ids
+            and r.first_token_at is not None and r.dispatched_at is not None]
+    legs: dict[str, list[float]] = {}
+
+    def add(name: str, seconds: float) -> None:
+        legs.setdefault(name, []).append(1e3 * seconds)
+
+    for r in recs:
+        add("dispatch", r.dispatched_at - r.accepted_at)
+        if r.prefill_done_at is not None:
+            add("prefill_call", r.prefill_done_at - r.dispatched_at)
+            add("p_prefill", r.prefill_seconds)
+            add("p_transfer", r.transfer_seconds)
+            add("to_first_token", r.first_token_at - r.prefill_done_at)
+        else:
+            add("to_first_token", r.first_token_at - r.dispatched_at)
+    return {k: statistics.median(v) for k, v in legs.items()}
 
 
 async def _serve_mode(s: Any, path: Path, mode: str) -> dict:

@@ -233,6 +233,7 @@ class Router:
         colocated = (self.config.mode == "colocated" or not prefill
                      or len(inp.prompt_token_ids) < self.config.disagg_threshold)
         d = await self._reserve_or_submit(state, inp, sampling, deadline_ms, colocated, tried_d)
+        state.rec.dispatched_at = time.monotonic()
         m = self.metrics
         if m is not None:
             m.labels(m.queue_time).observe(time.monotonic() - state.rec.accepted_at)
@@ -267,6 +268,9 @@ class Router:
         finally:
             pw.view.inflight -= 1
             state.prefilling = False
+        state.rec.prefill_done_at = time.monotonic()
+        state.rec.prefill_seconds = reply.prefill_seconds
+        state.rec.transfer_seconds = reply.transfer_seconds
         if m is not None:
             if reply.code == worker_pb2.WORKER_ERROR_NONE:
                 m.labels(m.kv_bytes, transport=self.transport_name).inc(reply.record.kv_bytes)

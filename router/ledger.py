@@ -31,6 +31,13 @@ class Record:
     attempts: int = 0
     tokens_sent: int = 0
     first_token_at: float | None = None
+    # Where the time to first token went (monotonic, last attempt): the decode worker
+    # reserved blocks / accepted a colocated submit; P's prefill call returned, with P's
+    # own split of it (admission -> first token, first token -> D's ack of Complete).
+    dispatched_at: float | None = None
+    prefill_done_at: float | None = None
+    prefill_seconds: float = 0.0
+    transfer_seconds: float = 0.0
     outcome: str | None = None
     reason: str = ""
     finished_at: float | None = None

@@ -311,13 +311,15 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor,
                      block_tables: Tensor, scale: float, num_splits: int | None = None,
-                     max_seq_len: int | None = None) -> Tensor:
+                     max_seq_len: int | None = None,
+                     tiles: tuple[int, int, int | None] | None = None) -> Tensor:
     """One query token per sequence. q: [B, Hq, D]; caches [num_blocks, page, Hkv, D];
     seq_lens: [B]; block_tables: [B, max_blocks]. Returns [B, Hq, D] in q's dtype.
 
     num_splits=None picks one from max_seq_len (read from seq_lens, a host sync, when not
     given), batch and SM count; pass it explicitly for CUDA-graph capture. A sequence of
-    length 0 (a padded batch slot) gets zeros."""
+    length 0 (a padded batch slot) gets zeros. `tiles` = (BLOCK_N, num_warps, num_stages
+    or None for Triton's default) overrides _decode_tiles (benchmarks/decode_attention_sweep.py)."""
     hq, hkv, d, page = _check_paged(q, k_cache, v_cache, seq_lens, block_tables)
     bsz = q.shape[0]
     if seq_lens.shape[0] != bsz:
@@ -333,7 +335,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tens
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     g = hq // hkv
-    block_n, num_warps = _decode_tiles(q.dtype)
+    block_n, num_warps, num_stages = tiles or (*_decode_tiles(q.dtype), None)
+    extra = {} if num_stages is None else {"num_stages": num_stages}
     block_d = max(16, triton.next_power_of_2(d))
     one = num_splits == 1
     if one:
@@ -350,7 +353,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tens
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=g, HEAD_DIM=d, PAGE=page, BLOCK_G=max(16, triton.next_power_of_2(g)),
         BLOCK_N=block_n, BLOCK_D=block_d, ONE_SPLIT=one, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=num_warps,
+        num_warps=num_warps, **extra,
     )
     if not one:
         _decode_reduce_kernel[(bsz, hq)](
