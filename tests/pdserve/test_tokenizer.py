@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,24 @@ def test_decode_window_stays_small(tok):
         del tok.decode
     assert text == tok.decode(ids)
     assert len(ids) > 200 and max(seen) <= 10
+
+
+@pytest.mark.parametrize("which", ["tiny", "default_model"])
+@pytest.mark.parametrize("skip_special", [True, False])
+def test_fast_decode_equals_transformers_decode(tok, default_model_dir, which, skip_special):
+    """Tokenizer.decode goes straight to the Rust tokenizer; it must give what
+    transformers' decode (no space clean-up) gives, special tokens and split
+    characters included."""
+    if which == "default_model":
+        tok = Tokenizer(default_model_dir)
+    assert tok._backend is not None  # both are fast tokenizers
+    g = random.Random(3)
+    vocab = tok.vocab_size
+    specials = list(tok.hf.all_special_ids)
+    for n in (0, 1, 2, 7, 40):
+        for _ in range(20):
+            ids = [g.randrange(vocab) for _ in range(n)] + g.sample(specials, min(2, len(specials)))
+            g.shuffle(ids)
+            want = tok.hf.decode(ids, skip_special_tokens=skip_special,
+                                 clean_up_tokenization_spaces=False)
+            assert tok.decode(ids, skip_special_tokens=skip_special) == want
