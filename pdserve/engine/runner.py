@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -110,25 +111,44 @@ class ModelRunner:
             if s.samples:
                 logits_idx.append(qsl[-1] - 1)
                 sampling.append(seq)
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
+        # All step inputs travel in two host buffers (int64: ids, positions, slots, logits
+        # rows; int32: query starts, lengths, block tables) filled through numpy and copied
+        # to the device once each: torch.tensor on Python lists cost ~2 ms a step at 128
+        # sequences (the block tables alone are 128 x up to hundreds of ids), 0.4 ms this way.
+        nseq, width = len(seq_lens), max(len(t) for t in tables)
+        sizes64 = (len(ids), len(pos), len(slots), len(logits_idx))
+        host64 = np.empty(sum(sizes64), dtype=np.int64)
+        o = 0
+        for part, n in zip((ids, pos, slots, logits_idx), sizes64):
+            host64[o:o + n] = part
+            o += n
+        n32 = 2 * nseq + 1
+        host32 = np.zeros(n32 + nseq * width, dtype=np.int32)
+        host32[:nseq + 1] = qsl
+        host32[nseq + 1:n32] = seq_lens
+        bt = host32[n32:].reshape(nseq, width)
+        for i, t in enumerate(tables):
+            bt[i, :len(t)] = t
         dev = self.device
-        qlens = [qsl[i + 1] - qsl[i] for i in range(len(seq_lens))]
+        dev64 = torch.from_numpy(host64).to(dev)
+        dev32 = torch.from_numpy(host32).to(dev)
+        ids_t, pos_t, slots_t, logits_t = torch.split(dev64, sizes64)
+        qlens = [qsl[i + 1] - qsl[i] for i in range(nseq)]
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
+            slot_mapping=slots_t,
+            query_start_loc=dev32[:nseq + 1],
+            seq_lens=dev32[nseq + 1:n32],
+            block_tables=dev32[n32:].view(nseq, width),
             max_query_len=max(qlens),
             max_seq_len=max(seq_lens),
             query_lens_cpu=qlens,
             seq_lens_cpu=seq_lens,
         )
         return StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.tensor(pos, dtype=torch.int64, device=dev),
+            input_ids=ids_t,
+            positions=pos_t,
             meta=meta,
-            logits_indices=torch.tensor(logits_idx, dtype=torch.int64, device=dev),
+            logits_indices=logits_t,
             sampling_seqs=sampling,
         )
 
