@@ -197,7 +197,8 @@ class IpcSendHandle(KVSendHandle):
             # index_copy_ with repeated or out-of-range ids would corrupt or fault
             raise TransferError(f"reservation block ids {ids[:8]}... are not unique ids below "
                                 f"{num_blocks}", kv_pb2.KV_STATUS_INVALID)
-        self._ids = torch.tensor(ids, dtype=torch.long, device=cache.device)
+        # non_blocking: no stream sync on the caller's (asyncio) thread, see layout.block_index
+        self._ids = torch.tensor(ids, dtype=torch.long).to(cache.device, non_blocking=True)
         self._lease_ms = reservation.lease_expiry_unix_ms
         self._event: torch.cuda.Event | None = None
         self._bytes = 0

@@ -116,10 +116,17 @@ class KVLayout:
         return int.from_bytes(digest, "little")
 
 
-def _index(block_ids: Sequence[int] | Tensor, device: torch.device) -> Tensor:
+def block_index(block_ids: Sequence[int] | Tensor, device: torch.device) -> Tensor:
+    """Block ids as an int64 index on `device`. Never a blocking host->device copy: a
+    blocking copy synchronizes the stream, and the prefill role gathers every layer's
+    KV from inside the forward pass, where a sync per layer would make the host wait
+    for the GPU 32 times a prompt (and, with two processes on one GPU, hand the GPU to
+    the other process each time). The source is pageable memory, which CUDA stages
+    before the call returns, so the CPU list may go away at once."""
     if isinstance(block_ids, Tensor):
-        return block_ids.to(device=device, dtype=torch.long)
-    return torch.tensor(list(block_ids), dtype=torch.long, device=device)
+        return block_ids.to(device=device, dtype=torch.long, non_blocking=True)
+    idx = torch.tensor(list(block_ids), dtype=torch.long)
+    return idx if device.type == "cpu" else idx.to(device, non_blocking=True)
 
 
 def _check_range(kv_caches: Sequence[tuple[Tensor, Tensor]], layer_start: int, layer_end: int) -> None:
@@ -133,7 +140,7 @@ def gather_blocks(kv_caches: Sequence[tuple[Tensor, Tensor]], layer_start: int, 
     a new contiguous payload [layers, 2, blocks, bs, Hkv, D] on the caches' device."""
     _check_range(kv_caches, layer_start, layer_end)
     k0 = kv_caches[0][0]
-    idx = _index(block_ids, k0.device)
+    idx = block_index(block_ids, k0.device)
     out = torch.empty((layer_end - layer_start, 2, idx.numel(), *k0.shape[1:]),
                       dtype=k0.dtype, device=k0.device)
     for i, layer in enumerate(range(layer_start, layer_end)):
@@ -179,7 +186,7 @@ def scatter_blocks(kv_caches: Sequence[tuple[Tensor, Tensor]], layer_start: int,
                 for pos, first, length in runs:
                     cache[first:first + length].copy_(payload[i, kv, pos:pos + length])
         return
-    idx = _index(block_ids, k0.device)
+    idx = block_index(block_ids, k0.device)
     payload = payload.to(k0.device)  # one host->device copy per chunk, not one per layer
     for i, layer in enumerate(range(layer_start, layer_end)):
         k_cache, v_cache = kv_caches[layer]

@@ -32,7 +32,8 @@ from pdserve.protocol import sampling_params_from_proto
 from pdserve.v1 import generation_pb2, kv_pb2, worker_pb2
 from pdserve.worker_spec import WorkerSpec
 from kv_transfer.base import KVSendHandle, TRANSPORTS, TransferError
-from kv_transfer.layout import KVLayout, gather_blocks
+from kv_transfer.layout import KVLayout, block_index, gather_blocks
+from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class PrefillWorker:
         self._ipc_attach: dict[str, asyncio.Future] = {}  # decode worker id -> its attach
         # key -> (send handle, number of prompt blocks); read by the engine thread's hook
         self.exports: dict[str, tuple[KVSendHandle, int]] = {}
+        self._export_index: dict[str, Tensor] = {}   # engine thread only: see _on_layer
         self.first: dict[str, asyncio.Future] = {}
         self.draining = False
         self.fault_plan = None
@@ -141,15 +143,22 @@ class PrefillWorker:
 
     # -- engine thread --------------------------------------------------------------------
     def _on_layer(self, layer: int, seqs: list[Sequence]) -> None:
+        if layer == 0:   # a new forward pass: last pass's indexes are stale
+            self._export_index = {}
         for seq in seqs:
             exp = self.exports.get(seq.seq_id)
             if exp is None:
                 continue
             handle, nblocks = exp
-            blocks = self.engine.kv.block_table(seq.seq_id)[:nblocks]
+            # The prompt's block ids, on the device once per forward pass (layer 0 comes
+            # first), not once per layer.
+            idx = self._export_index.get(seq.seq_id)
+            if idx is None:
+                idx = block_index(self.engine.kv.block_table(seq.seq_id)[:nblocks], self.engine.device)
+                self._export_index[seq.seq_id] = idx
             try:
                 handle.send(layer, layer + 1,
-                            gather_blocks(self.engine.kv_caches, layer, layer + 1, blocks))
+                            gather_blocks(self.engine.kv_caches, layer, layer + 1, idx))
             except TransferError as e:
                 # The attempt failed (D rejected a chunk, or it was aborted): finish()
                 # reports it; the engine keeps going for everyone else.
