@@ -238,6 +238,8 @@ def table(r: dict[str, Any], meta: dict[str, Any]) -> list[str]:
                         f"{k} {v:.1f}" for k, v in phases.items()))
         for rate, ratio in f.get("ttft_ratio_disagg_vs_colocated", {}).items():
             lines.append(f"   TTFT disaggregated / colocated at {rate} req/s: {ratio:.3f}")
+        if "ttft_ratio_idle" in f:
+            lines.append(f"   TTFT disaggregated / colocated, one request at a time: {f['ttft_ratio_idle']:.3f}")
     lines.append("Goals:")
     for g in goals(r):
         v = "" if "value" not in g else f" {g['value']:.3g}{g['unit']} (target {g['target']:g}{g['unit']})"

@@ -685,7 +685,19 @@ async def _serve_mode(s: Any, path: Path, mode: str) -> dict:
         warm = make_requests(8, prompt, (8, 8), sh.token_range, seed=99)
         await _load(dep.router, warm[:1], 100.0, 0)       # ipc attach, Triton compiles
         await _load(dep.router, warm, 100.0, 0)
-        rows = []
+        # One request at a time, 2 output tokens each: the path with nothing else on the
+        # GPU, so the TTFT legs show the fixed cost of each mode apart from contention.
+        idle = make_requests(8, prompt, (2, 2), sh.token_range, seed=7)
+        idle_rows = [await _load(dep.router, [r], 1.0, 0) for r in idle]
+        rows = [{"rate": "idle", "requests": len(idle),
+                 "ttft_median_ms": statistics.median(r["ttft_median_ms"] for r in idle_rows),
+                 "ttft_p90_ms": max(r["ttft_median_ms"] for r in idle_rows),
+                 "output_tokens": sum(r["output_tokens"] for r in idle_rows),
+                 "output_tok_s": float("nan"),
+                 "complete": all(r["complete"] for r in idle_rows),
+                 "ttft_phases_median_ms": {
+                     k: statistics.median(r["ttft_phases_median_ms"].get(k, math.nan) for r in idle_rows)
+                     for k in idle_rows[0]["ttft_phases_median_ms"]}}]
         for i, rate in enumerate(sh.rates):
             if s.part_left() < 15:
                 rows.append({"rate": rate, "skipped": "time budget"})
@@ -738,4 +750,7 @@ def part_serve(s: Any) -> dict:
         str(rate): by["disaggregated"][rate]["ttft_median_ms"] / by["colocated"][rate]["ttft_median_ms"]
         for rate in s.shapes.rates
         if rate in by.get("disaggregated", {}) and rate in by.get("colocated", {})}
+    if "idle" in by.get("disaggregated", {}) and "idle" in by.get("colocated", {}):
+        out["ttft_ratio_idle"] = (by["disaggregated"]["idle"]["ttft_median_ms"]
+                                  / by["colocated"]["idle"]["ttft_median_ms"])
     return out
