@@ -21,11 +21,76 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 
+async def async_ttft(engine, lengths, repeats, token_range, sync) -> list[tuple[int, float]]:
+    """Median ms from AsyncEngine.add_request to the first output, one prompt at a time."""
+    import asyncio
+    import random
+    from pdserve.engine.async_engine import AsyncEngine
+    from pdserve.sampling.params import SamplingParams
+    rng = random.Random(1)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    aengine = AsyncEngine(engine)
+    aengine.start()
+    out = []
+    try:
+        for n in lengths:
+            ttfts = []
+            for i in range(repeats + 1):      # the first one warms the path
+                ids = [rng.randrange(*token_range) for _ in range(n)]
+                sync()
+                t = time.perf_counter()
+                stream = aengine.add_request(f"a-{n}-{i}", ids, params)
+                async for _out in stream:
+                    if i:
+                        ttfts.append(time.perf_counter() - t)
+                    break
+                async for _out in stream:
+                    pass
+                await asyncio.sleep(0.05)         # idle between requests, as part f's idle row
+            out.append((n, 1e3 * statistics.median(ttfts)))
+    finally:
+        await aengine.stop()
+    return out
+
+
+def in_ray_actor(path: Path, lengths, repeats, sh) -> list[tuple[str, float]]:
+    import logging
+    import os
+    import ray
+    root = str(Path(__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (root, str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        @ray.remote(num_gpus=0.5, num_cpus=1)
+        class Probe:
+            async def run(self, threads: int):
+                from pdserve.llm import LLM
+                if threads:
+                    torch.set_num_threads(threads)
+                llm = LLM(str(path), dtype=str(sh.dtype).removeprefix("torch."), device="cuda",
+                          kv_cache_memory_gb=2.0, enable_prefix_caching=False, max_num_seqs=64,
+                          max_num_batched_tokens=4096, max_model_len=4096)
+                return await async_ttft(llm.engine, lengths, repeats, sh.token_range,
+                                        torch.cuda.synchronize)
+        rows = []
+        for threads in (0, 4):   # 0: as Ray leaves it (OMP_NUM_THREADS=1 for num_cpus=1)
+            probe = Probe.remote()
+            rows += [(f"{n} tokens, torch threads {threads or 'Ray default'}", ms)
+                     for n, ms in ray.get(probe.run.remote(threads), timeout=240)]
+            ray.kill(probe)
+        return rows
+    finally:
+        ray.shutdown()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="256,640,1024")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--ray", action="store_true",
+                        help="also measure AsyncEngine inside a Ray actor placed like a worker")
     args = parser.parse_args()
     import gpu_suite_parts as parts
     from gpu_suite import Suite
@@ -87,39 +152,17 @@ def main() -> int:
         print(f"{n:6d} {1e3 * med:8.2f} " + " ".join(f"{1e3 * v:9.2f}" for v in row.values()), flush=True)
     # The same prompts through AsyncEngine (the workers' engine thread + asyncio loop), as
     # time from add_request to the first output on the loop: the hand-offs between threads.
-    import asyncio
-    import sys as _sys
-    from pdserve.engine.async_engine import AsyncEngine
     engine.scheduler.schedule, runner.prepare, runner.sampler, engine.update = (
         orig[0], orig[1], orig[3], orig[4])
     del runner.model.forward, runner.model.compute_logits   # the class methods again
-
-    async def via_async(switch_s: float) -> None:
-        _sys.setswitchinterval(switch_s)
-        aengine = AsyncEngine(engine)
-        aengine.start()
-        try:
-            for n in lengths:
-                ttfts = []
-                for i in range(args.repeats):
-                    ids = [rng.randrange(*sh.token_range) for _ in range(n)]
-                    sync()
-                    t = time.perf_counter()
-                    stream = aengine.add_request(f"a{switch_s}-{n}-{i}", ids, params)
-                    async for _out in stream:
-                        ttfts.append(time.perf_counter() - t)
-                        break
-                    async for _out in stream:
-                        pass
-                    await asyncio.sleep(0.05)   # idle between requests, as in part f's idle row
-                print(f"AsyncEngine, GIL switch interval {1e3 * switch_s:.1f} ms: {n} tokens, "
-                      f"add_request -> first output {1e3 * statistics.median(ttfts):.2f} ms", flush=True)
-        finally:
-            await aengine.stop()
-
-    for switch_s in (0.005, 0.0005):
-        asyncio.run(via_async(switch_s))
-    _sys.setswitchinterval(0.005)
+    import asyncio
+    for n, ms in asyncio.run(async_ttft(engine, lengths, args.repeats, sh.token_range, sync)):
+        print(f"AsyncEngine in this process: {n} tokens, add_request -> first output {ms:.2f} ms",
+              flush=True)
+    if args.ray and dev.type == "cuda":
+        for n, ms in in_ray_actor(path, lengths, args.repeats, sh):
+            print(f"AsyncEngine in a Ray actor (num_gpus=0.5, num_cpus=1, as deploy_ray places "
+                  f"workers): {n}, add_request -> first output {ms:.2f} ms", flush=True)
 
     if dev.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
