@@ -149,6 +149,9 @@ class KVCacheManager:
         """
         if num_tokens < 0:
             raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        table = self._tables.get(seq_id)
+        if table is not None and not computed_blocks and self._blocks_for(num_tokens) <= len(table):
+            return True   # the common decode step: the last block still has room
         computed = list(computed_blocks or ())
         is_new = seq_id not in self._tables
         if computed and not is_new:
