@@ -721,7 +721,8 @@ def part_serve(s: Any) -> dict:
     root = str(Path(__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH", "")) if p)   # actors import the repo
-    ray.init(num_cpus=8 if s.dev.type == "cuda" else 2, num_gpus=1 if s.dev.type == "cuda" else 0,
+    from pdserve.cluster import init_ray
+    init_ray(num_cpus=8 if s.dev.type == "cuda" else 2, num_gpus=1 if s.dev.type == "cuda" else 0,
              include_dashboard=False, ignore_reinit_error=True, logging_level=logging.WARNING)
     n, prompt, output = s.shapes.serve
     out: dict[str, Any] = {"requests_per_rate": n, "prompt_len": prompt, "output_len": output,

@@ -36,7 +36,8 @@ async def soak(args: argparse.Namespace) -> dict:
     from router.core import GenerateInput, RequestFailed, RouterConfig
     from router.ledger import Overloaded
 
-    ray.init(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False,
+    from pdserve.cluster import init_ray
+    init_ray(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False,
              namespace="pdserve-soak", logging_level="WARNING")
     base = WorkerSpec(worker_id="base", role="both", model=str(prepare_default_model()),
                       dtype="float32", device="cpu", num_blocks=512, transport="grpc",

@@ -82,8 +82,9 @@ async def serve_main(args: argparse.Namespace, ready: asyncio.Event | None = Non
         dep = await deploy_in_process(spec, args.prefill, args.decode, cfg)
     else:
         import ray
+        from pdserve.cluster import init_ray
         if not ray.is_initialized():
-            ray.init(address=args.ray_address, namespace="pdserve",
+            init_ray(address=args.ray_address, namespace="pdserve",
                      include_dashboard=False, log_to_driver=True,
                      **({} if args.ray_address else {"num_cpus": max(4, os.cpu_count() or 2)}))
         gpus = args.gpus_per_worker

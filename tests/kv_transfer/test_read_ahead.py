@@ -58,11 +58,12 @@ def test_consumer_stopping_early_releases_the_helper_thread():
     before = {t.ident for t in threading.enumerate()}
     it = read_ahead(endless(), 2)
     assert next(it) == 0
-    it.close()  # what happens when the handler returns on a refused chunk
+    # the helper is alive now: blocked offering items to the full queue
     helpers = [t for t in threading.enumerate() if t.ident not in before and t.name == "pdserve-kv-read"]
-    for t in helpers:
-        t.join(2)
-    assert helpers and not any(t.is_alive() for t in helpers)
+    assert len(helpers) == 1 and helpers[0].is_alive()
+    it.close()  # what happens when the handler returns on a refused chunk
+    helpers[0].join(2)
+    assert not helpers[0].is_alive()
 
 
 def test_malloc_thresholds_follow_the_env_switch(monkeypatch):

@@ -28,7 +28,8 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-chaos",
+    from pdserve.cluster import init_ray
+    init_ray(num_cpus=4, include_dashboard=False, namespace="pdserve-chaos",
              logging_level="WARNING")
     yield ray
     ray.shutdown()

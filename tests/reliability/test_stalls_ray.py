@@ -21,7 +21,8 @@ from router.core import GenerateInput, RequestFailed, RouterConfig
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=4, include_dashboard=False, namespace="pdserve-stalls",
+    from pdserve.cluster import init_ray
+    init_ray(num_cpus=4, include_dashboard=False, namespace="pdserve-stalls",
              logging_level="WARNING")
     yield ray
     ray.shutdown()
