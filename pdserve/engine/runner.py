@@ -115,30 +115,32 @@ class ModelRunner:
         # rows; int32: query starts, lengths, block tables) filled through numpy and copied
         # to the device once each: torch.tensor on Python lists cost ~2 ms a step at 128
         # sequences (the block tables alone are 128 x up to hundreds of ids), 0.4 ms this way.
+        # Every part starts on a 16-byte boundary: Triton specializes kernels on whether
+        # each pointer is 16-byte aligned, and parts at arbitrary offsets would make new
+        # kernel variants (a JIT compile stall mid-serving) as batch sizes change.
         nseq, width = len(seq_lens), max(len(t) for t in tables)
-        sizes64 = (len(ids), len(pos), len(slots), len(logits_idx))
-        host64 = np.empty(sum(sizes64), dtype=np.int64)
-        o = 0
-        for part, n in zip((ids, pos, slots, logits_idx), sizes64):
-            host64[o:o + n] = part
-            o += n
-        n32 = 2 * nseq + 1
-        host32 = np.zeros(n32 + nseq * width, dtype=np.int32)
-        host32[:nseq + 1] = qsl
-        host32[nseq + 1:n32] = seq_lens
-        bt = host32[n32:].reshape(nseq, width)
+        parts64 = (ids, pos, slots, logits_idx)
+        at64 = _aligned_offsets([len(x) for x in parts64], 2)
+        host64 = np.zeros(at64[-1], dtype=np.int64)
+        for part, o in zip(parts64, at64):
+            host64[o:o + len(part)] = part
+        at32 = _aligned_offsets([nseq + 1, nseq, nseq * width], 4)
+        host32 = np.zeros(at32[-1], dtype=np.int32)
+        host32[at32[0]:at32[0] + nseq + 1] = qsl
+        host32[at32[1]:at32[1] + nseq] = seq_lens
+        bt = host32[at32[2]:at32[2] + nseq * width].reshape(nseq, width)
         for i, t in enumerate(tables):
             bt[i, :len(t)] = t
         dev = self.device
         dev64 = torch.from_numpy(host64).to(dev)
         dev32 = torch.from_numpy(host32).to(dev)
-        ids_t, pos_t, slots_t, logits_t = torch.split(dev64, sizes64)
+        ids_t, pos_t, slots_t, logits_t = (dev64[o:o + len(x)] for x, o in zip(parts64, at64))
         qlens = [qsl[i + 1] - qsl[i] for i in range(nseq)]
         meta = AttentionMetadata(
             slot_mapping=slots_t,
-            query_start_loc=dev32[:nseq + 1],
-            seq_lens=dev32[nseq + 1:n32],
-            block_tables=dev32[n32:].view(nseq, width),
+            query_start_loc=dev32[at32[0]:at32[0] + nseq + 1],
+            seq_lens=dev32[at32[1]:at32[1] + nseq],
+            block_tables=dev32[at32[2]:at32[2] + nseq * width].view(nseq, width),
             max_query_len=max(qlens),
             max_seq_len=max(seq_lens),
             query_lens_cpu=qlens,
@@ -178,3 +180,14 @@ class ModelRunner:
         finally:
             self._exporting = []
         return self.model.compute_logits(hidden[inp.logits_indices])
+
+
+def _aligned_offsets(sizes: list[int], unit: int) -> list[int]:
+    """Start offsets of parts of the given sizes laid out one after another, each start
+    rounded up to a multiple of `unit` elements; the last entry is the total length."""
+    offsets, o = [], 0
+    for n in sizes:
+        offsets.append(o)
+        o += -(-n // unit) * unit
+    offsets.append(o)
+    return offsets
