@@ -22,8 +22,8 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from typing import TypeVar
 from concurrent import futures
+from typing import TypeVar
 
 import grpc
 from torch import Tensor
@@ -257,7 +257,6 @@ class GrpcTransport(KVTransport):
 
 
 _END = object()  # queue marker: no more chunks
-
 
 
 class GrpcSendHandle(KVSendHandle):

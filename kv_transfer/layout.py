@@ -120,7 +120,7 @@ def block_index(block_ids: Sequence[int] | Tensor, device: torch.device) -> Tens
     """Block ids as an int64 index on `device`. Never a blocking host->device copy: a
     blocking copy synchronizes the stream, and the prefill role gathers every layer's
     KV from inside the forward pass, where a sync per layer would make the host wait
-    for the GPU 32 times a prompt (and, with two processes on one GPU, hand the GPU to
+    for the GPU once per layer of every prompt (and, with two processes on one GPU, hand the GPU to
     the other process each time). The source is pageable memory, which CUDA stages
     before the call returns, so the CPU list may go away at once."""
     if isinstance(block_ids, Tensor):

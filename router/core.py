@@ -234,6 +234,7 @@ class Router:
                      or len(inp.prompt_token_ids) < self.config.disagg_threshold)
         d = await self._reserve_or_submit(state, inp, sampling, deadline_ms, colocated, tried_d)
         state.rec.dispatched_at = time.monotonic()
+        state.rec.prefill_done_at = None   # this attempt's legs only
         m = self.metrics
         if m is not None:
             m.labels(m.queue_time).observe(time.monotonic() - state.rec.accepted_at)
