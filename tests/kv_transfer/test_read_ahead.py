@@ -55,11 +55,11 @@ def test_consumer_stopping_early_releases_the_helper_thread():
             yield i
             i += 1
 
-    before = {t.ident for t in threading.enumerate()}
+    before = set(threading.enumerate())   # Thread objects: idents of ended threads are reused
     it = read_ahead(endless(), 2)
     assert next(it) == 0
     # the helper is alive now: blocked offering items to the full queue
-    helpers = [t for t in threading.enumerate() if t.ident not in before and t.name == "pdserve-kv-read"]
+    helpers = [t for t in threading.enumerate() if t not in before and t.name == "pdserve-kv-read"]
     assert len(helpers) == 1 and helpers[0].is_alive()
     it.close()  # what happens when the handler returns on a refused chunk
     helpers[0].join(2)
