@@ -4,7 +4,10 @@ not a test): the same 1B-shape model, requests and engine settings as
 into schedule / model execute (prepare + forward + sample, host sync included) / update
 (stop rules, detokenization, outputs), and the steps counted by kind.
 
-    python benchmarks/offline_profile.py [--smoke] [--cprofile]
+    python benchmarks/offline_profile.py [--smoke] [--cprofile] [--ab N]
+
+--ab N adds N pairs of runs with the engine's overlapped detokenization off, then on
+(same engine, same requests), for an A/B in one process.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, for CPU")
     parser.add_argument("--cprofile", action="store_true", help="also print the top functions")
+    parser.add_argument("--ab", type=int, default=0, metavar="N",
+                        help="then N more runs each with overlapped detokenization off and on, alternating")
     args = parser.parse_args()
     import gpu_suite_parts as parts
     from gpu_suite import Suite
@@ -65,9 +70,9 @@ def main() -> int:
             kinds["decode_only" if decode_only else "with_prefill"] += 1
         return out
 
-    def execute(sched_out):
+    def execute(sched_out, overlap=None):
         t = time.perf_counter()
-        out = orig_execute(sched_out)
+        out = orig_execute(sched_out, overlap=overlap)
         timing["execute"].append(time.perf_counter() - t)
         return out
 
@@ -79,23 +84,41 @@ def main() -> int:
 
     engine.scheduler.schedule, engine.runner.execute, engine.update = schedule, execute, update
     prof = cProfile.Profile() if args.cprofile else None
-    t0 = time.perf_counter()
-    if prof:
-        prof.enable()
-    seconds = parts._pd_generate(llm, reqs)
-    if prof:
-        prof.disable()
-    wall = time.perf_counter() - t0
-    useful = sum(r.max_tokens for r in reqs)
-    steps = len(timing["execute"])
-    print(f"offline: {n} requests, {sum(len(r.ids) for r in reqs)} prompt tokens, {useful} output "
-          f"tokens: {seconds:.2f} s ({useful / seconds:.0f} output tok/s), {steps} steps "
-          f"({dict(kinds)})")
-    for name in ("schedule", "execute", "update"):
-        xs = timing[name]
-        print(f"  {name:9s} {sum(xs):7.3f} s total, {1e3 * sum(xs) / max(1, len(xs)):6.2f} ms a step")
-    rest = wall - sum(sum(v) for v in timing.values())
-    print(f"  other     {rest:7.3f} s (generate's own loop, request setup, output assembly)")
+
+    from pdserve.sampling.params import SamplingParams
+    params = [SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True) for r in reqs]
+    first: list = []
+
+    def run(label: str) -> None:
+        timing.clear()
+        kinds.clear()
+        t0 = time.perf_counter()
+        if prof:
+            prof.enable()
+        outs = llm.generate([r.ids for r in reqs], params)
+        seconds = time.perf_counter() - t0
+        if prof:
+            prof.disable()
+        got = [(o.token_ids, o.text) for o in outs]
+        first[:] = first or got
+        wall = time.perf_counter() - t0
+        useful = sum(r.max_tokens for r in reqs)
+        steps = len(timing["execute"])
+        print(f"offline ({label}): {n} requests, {sum(len(r.ids) for r in reqs)} prompt tokens, "
+              f"{useful} output tokens: {seconds:.2f} s ({useful / seconds:.0f} output tok/s), "
+              f"{steps} steps ({dict(kinds)})")
+        for name in ("schedule", "execute", "update"):
+            xs = timing[name]
+            print(f"  {name:9s} {sum(xs):7.3f} s total, {1e3 * sum(xs) / max(1, len(xs)):6.2f} ms a step")
+        rest = wall - sum(sum(v) for v in timing.values())
+        print(f"  other     {rest:7.3f} s (generate's own loop, request setup, output assembly)")
+        print(f"  token ids and text the same as the first run's: {got == first}")
+
+    run(f"overlapped detokenization {'on' if engine.overlap_detokenize else 'off'}")
+    for _ in range(args.ab):
+        for on in (False, True):
+            engine.overlap_detokenize = on
+            run(f"A/B, overlapped detokenization {'on' if on else 'off'}")
     if prof:
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(35)

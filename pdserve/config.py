@@ -194,6 +194,9 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     seed: int = 0
+    # Detokenize a step's tokens while the next step runs on the device (LLMEngine.step);
+    # None: on for CUDA, off for CPU (a CPU forward pass leaves no time to overlap).
+    overlap_detokenize: bool | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "both"):

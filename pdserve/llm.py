@@ -52,9 +52,11 @@ class LLM:
                  device: str = "auto", block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_memory_gb: float = 1.0, enable_prefix_caching: bool = True,
                  max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
-                 max_model_len: int | None = None, seed: int = 0) -> None:
+                 max_model_len: int | None = None, seed: int = 0,
+                 overlap_detokenize: bool | None = None) -> None:
         config = EngineConfig(
             model=resolve_model_dir(model), dtype=dtype, device=device, seed=seed,
+            overlap_detokenize=overlap_detokenize,
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                               memory_gb=kv_cache_memory_gb,
                               enable_prefix_caching=enable_prefix_caching),

@@ -67,6 +67,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.dead: BaseException | None = None
+        # Outputs the engine makes mid-step (overlapped detokenization) go out at once.
+        engine.early_sink = self._deliver
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -147,7 +149,7 @@ class AsyncEngine:
         except BaseException as e:  # noqa: BLE001 - the loop must never die silently
             logger.exception("engine step loop died")
             self.dead = e
-            rids = list(self._streams) if self.sink is None else list(self.engine.seqs)
+            rids = list(self._streams) if self.sink is None else self.engine.pending_request_ids()
             outs = [_error_output(rid, f"engine loop died: {e}", 0) for rid in rids]
             self._deliver(outs)
             if self.on_fatal is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,10 @@ logger = logging.getLogger(__name__)
 # Longest context a captured decode graph serves (its block-table width); longer
 # sequences' steps run eagerly.
 CUDA_GRAPH_MAX_CONTEXT = 16384
+
+# Detokenizing while the next step runs pays where the device computes asynchronously
+# and the batch is large enough for text work to show (~5-10 us a sequence).
+OVERLAP_DETOKENIZE_MIN_SEQS = 8
 
 
 @dataclass
@@ -90,6 +95,14 @@ class LLMEngine:
                                   self.sampler, self.kv.block_table, cuda_graph=graphs)
         self.seqs: dict[str, Sequence] = {}
         self.streams: dict[str, TextStream] = {}
+        # Overlapped detokenization (see step()): tokens whose text is computed during
+        # the next step's forward pass, and the outputs made from them not yet returned.
+        self.overlap_detokenize = (self.device.type == "cuda" if config.overlap_detokenize is None
+                                   else config.overlap_detokenize)
+        self._untexted: list[tuple[Sequence, TextStream, int, list[TokenLogprob] | None]] = []
+        self._texted: list[RequestOutput] = []
+        # Set by AsyncEngine: where outputs made mid-step go at once, not at step's end.
+        self.early_sink: Callable[[list[RequestOutput]], None] | None = None
         logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                     mc.architecture, self.device, self.dtype, self.num_blocks, cc.block_size,
                     self.max_model_len)
@@ -129,21 +142,55 @@ class LLMEngine:
         return self._output(seq, [], "", None)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._untexted or self._texted)
+
+    def pending_request_ids(self) -> list[str]:
+        """Requests whose last output is still to come: active ones, and finished ones
+        whose final text is computed in the next step."""
+        return list(dict.fromkeys([*self.seqs, *(s.seq_id for s, *_ in self._untexted),
+                                   *(o.request_id for o in self._texted)]))
 
     # -- the loop -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One engine step. With overlap_detokenize, the text of the previous step's
+        tokens (sequences without stop strings, past their first token, in batches of
+        OVERLAP_DETOKENIZE_MIN_SEQS or more) is computed after this step's forward pass
+        is launched, while the device runs it; whether such a sequence ends never
+        depends on its text, so scheduling does not wait for it. Those outputs go to
+        early_sink as soon as they are made, or lead this step's return."""
         sched_out = self.scheduler.schedule()
+        sampled = [] if sched_out.is_empty else self.runner.execute(
+            sched_out, overlap=self._detokenize_untexted)
+        self._detokenize_untexted()  # when nothing ran, or no row was sampled
+        texted, self._texted = self._texted, []
         if sched_out.is_empty:
-            return []
-        sampled = self.runner.execute(sched_out)
-        return self.update(sched_out, sampled)
+            return texted
+        return texted + self.update(sched_out, sampled)
+
+    def _detokenize_untexted(self) -> None:
+        untexted, self._untexted = self._untexted, []
+        outs = []
+        for seq, stream, token_id, lps in untexted:
+            if seq.finish_reason == FINISH_ABORT:
+                continue  # aborted meanwhile: the abort output was its last
+            text = stream.detokenize()
+            delta, finish = text.delta, text.finish_reason
+            if finish is None and seq.status == SeqStatus.FINISHED:  # model length
+                delta += stream.finish_now("length").delta
+            outs.append(self._output(seq, [token_id], delta, lps))
+        if not outs:
+            return
+        if self.early_sink is not None:
+            self.early_sink(outs)
+        else:
+            self._texted.extend(outs)
 
     def update(self, sched_out: SchedulerOutput,
                sampled: list[tuple[Sequence, SampleResult]]) -> list[RequestOutput]:
         self.scheduler.update_after_step(sched_out)
         now = time.monotonic()
         outputs = []
+        overlap = self.overlap_detokenize and len(sampled) >= OVERLAP_DETOKENIZE_MIN_SEQS
         for seq, res in sampled:
             seq.tokens.append(res.token_id)
             if seq.first_token_time is None:
@@ -160,7 +207,14 @@ class LLMEngine:
                 outputs.append(self._output(seq, [res.token_id], "", lps))
                 continue
             stream = self.streams[seq.seq_id]
-            text = stream.step(res.token_id)
+            text = stream.accept(res.token_id)
+            if text is None and overlap and seq.num_output_tokens > 1 and not stream.needs_text_to_stop:
+                self._untexted.append((seq, stream, res.token_id, lps))
+                if stream.reaches_length or seq.num_tokens >= self.max_model_len:
+                    self._finish(seq, FINISH_LENGTH)  # blocks back now, the text next step
+                continue
+            if text is None:
+                text = stream.detokenize()
             delta, finish = text.delta, text.finish_reason
             if finish is None and seq.num_tokens >= self.max_model_len:
                 tail = stream.finish_now("length")

@@ -155,9 +155,14 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[tuple[Sequence, SampleResult]]:
+    def execute(self, out: SchedulerOutput,
+                overlap: Callable[[], None] | None = None) -> list[tuple[Sequence, SampleResult]]:
+        """Run one step and sample. `overlap` runs once the forward pass is launched and
+        before the host waits for it: host work that the device time hides."""
         inp = self.prepare(out)
         logits = self._logits(inp)
+        if overlap is not None:
+            overlap()
         if not inp.sampling_seqs:
             return []
         rows = [SamplingRow(params=seq.params, prompt_token_ids=seq.prompt_token_ids,

@@ -58,6 +58,7 @@ class TextStream:
         self.finish_reason: FinishReason | None = None
         # The matched stop string or stop token id; None for eos, length, or not finished.
         self.stop_reason: str | int | None = None
+        self._accepted: int | None = None    # accept()ed, not yet detokenize()d
 
     @property
     def finished(self) -> bool:
@@ -69,28 +70,60 @@ class TextStream:
         return self._text[:self._emitted]
 
     def step(self, token_id: int) -> StepText:
+        stopped = self.accept(token_id)
+        return stopped if stopped is not None else self.detokenize()
+
+    # step() in two halves, for an engine that detokenizes while the next step runs:
+    # accept() applies the rules that need only the token id; detokenize() adds its text
+    # and applies the rest. Where no stop string is set (needs_text_to_stop is False),
+    # whether the sequence ends is known after accept(): `stopped` or reaches_length.
+
+    @property
+    def needs_text_to_stop(self) -> bool:
+        """A stop rule reads the text (stop strings): detokenize before the next step."""
+        return bool(self._stops)
+
+    @property
+    def reaches_length(self) -> bool:
+        """The accepted tokens reach max_tokens (detokenize() will finish with 'length',
+        unless a stop string matches first)."""
+        return self.num_output_tokens >= self.params.max_tokens
+
+    def accept(self, token_id: int) -> StepText | None:
+        """Count the token and apply stop_token_ids and eos. Returns the last StepText if
+        the token ends the sequence (its text is never added); None if the token now
+        waits for detokenize()."""
         if self.finished:
             raise ValueError(f"sequence already finished ({self.finish_reason}); "
                              "no more tokens may be added")
+        if self._accepted is not None:
+            raise ValueError("the previous token was accepted but not detokenized")
         self.num_output_tokens += 1
         may_stop = self.num_output_tokens > self.params.min_tokens
         if may_stop and token_id in self._stop_ids:
             return self._finish("stop", token_id)
         if may_stop and token_id in self._eos and not self.params.ignore_eos:
             return self._finish("stop", None)
+        self._accepted = token_id
+        return None
 
+    def detokenize(self) -> StepText:
+        """Add the accepted token's text; apply stop strings and max_tokens."""
+        token_id, self._accepted = self._accepted, None
+        if token_id is None:
+            raise ValueError("no accepted token waits for detokenize()")
         new = self._detok.add(token_id)
         if new:
             start = len(self._text)
             self._text += new
-            if may_stop and self._stops:
+            if self.num_output_tokens > self.params.min_tokens and self._stops:
                 match = _find_stop(self._text, start, self._stops)
                 if match is not None:
                     pos, stop = match
                     assert pos >= self._emitted, (pos, self._emitted)
                     self._text = self._text[:pos]
                     return self._finish("stop", stop)
-        if self.num_output_tokens >= self.params.max_tokens:
+        if self.reaches_length:
             return self._finish("length", None)
         hold = _held_back(self._text, self._emitted, self._stops)
         return StepText(self._take(len(self._text) - hold), None)

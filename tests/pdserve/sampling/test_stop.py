@@ -177,3 +177,34 @@ def test_streaming_matches_reference_on_random_cases(tok):
             sent += s.delta
             assert exp_text.startswith(sent)       # nothing ever leaked past the stop
             assert "\ufffd" not in s.delta
+
+
+def test_accept_then_detokenize_is_step(tok):
+    """The two halves the engine uses to detokenize during the next step: the finish is
+    known after accept() when no stop string is set."""
+    eos = tok.eos_token_ids[0]
+    ids = tok.encode("café crème") + [eos]
+    for kw in (dict(max_tokens=4), dict(max_tokens=50), dict(max_tokens=50, ignore_eos=True)):
+        want, _ = run(tok, ids, **kw)
+        ts = TextStream(tok, SamplingParams(**kw), [])
+        assert not ts.needs_text_to_stop
+        for t in ids:
+            stopped = ts.accept(t)
+            if stopped is None:
+                ends = ts.reaches_length
+                step = ts.detokenize()
+                assert (step.finish_reason == "length") == ends
+            if ts.finished:
+                break
+        assert (ts.text, ts.finish_reason, ts.num_output_tokens) == \
+            (want.text, want.finish_reason, want.num_output_tokens)
+    assert TextStream(tok, SamplingParams(stop=["x"]), []).needs_text_to_stop
+
+
+def test_accept_and_detokenize_refuse_misuse(tok):
+    ts = TextStream(tok, SamplingParams(max_tokens=5), [])
+    with pytest.raises(ValueError, match="no accepted token"):
+        ts.detokenize()
+    ts.accept(tok.encode("a")[0])
+    with pytest.raises(ValueError, match="not detokenized"):
+        ts.accept(tok.encode("b")[0])
