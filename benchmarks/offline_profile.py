@@ -1,13 +1,14 @@
 """Where pdserve's offline time goes on the suite's part e workload (a profiling tool,
 not a test): the same 1B-shape model, requests and engine settings as
 `gpu_suite.py` part e, run once after the same warm-up, with every engine step split
-into schedule / model execute (prepare + forward + sample, host sync included) / update
+into schedule / launch (step inputs to the device, forward pass and sampling queued) /
+resolve (the wait for the sampled tokens: device time the host did not hide) / update
 (stop rules, detokenization, outputs), and the steps counted by kind.
 
     python benchmarks/offline_profile.py [--smoke] [--cprofile] [--ab N]
 
---ab N adds N pairs of runs with the engine's overlapped detokenization off, then on
-(same engine, same requests), for an A/B in one process.
+--ab N adds N rounds of three runs (same engine, same requests): neither of the engine's
+host-overlap features, overlapped detokenization alone, and both it and the look-ahead.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, for CPU")
     parser.add_argument("--cprofile", action="store_true", help="also print the top functions")
     parser.add_argument("--ab", type=int, default=0, metavar="N",
-                        help="then N more runs each with overlapped detokenization off and on, alternating")
+                        help="then N rounds of runs with the engine's overlap features off / partly / all on")
     args = parser.parse_args()
     import gpu_suite_parts as parts
     from gpu_suite import Suite
@@ -57,8 +58,8 @@ def main() -> int:
 
     engine = llm.engine
     timing: dict[str, list[float]] = defaultdict(list)
-    orig_schedule, orig_execute, orig_update = (engine.scheduler.schedule, engine.runner.execute,
-                                                engine.update)
+    orig_schedule, orig_launch, orig_resolve, orig_update = (
+        engine.scheduler.schedule, engine.runner.launch, engine.runner.resolve, engine.update)
     kinds: dict[str, int] = defaultdict(int)
 
     def schedule():
@@ -70,19 +71,26 @@ def main() -> int:
             kinds["decode_only" if decode_only else "with_prefill"] += 1
         return out
 
-    def execute(sched_out, overlap=None):
+    def launch(sched_out, source=None):
         t = time.perf_counter()
-        out = orig_execute(sched_out, overlap=overlap)
-        timing["execute"].append(time.perf_counter() - t)
+        out = orig_launch(sched_out, source)
+        timing["launch"].append(time.perf_counter() - t)
         return out
 
-    def update(sched_out, sampled):
+    def resolve(flight):
         t = time.perf_counter()
-        out = orig_update(sched_out, sampled)
+        out = orig_resolve(flight)
+        timing["resolve"].append(time.perf_counter() - t)
+        return out
+
+    def update(sched_out, sampled, step=None):
+        t = time.perf_counter()
+        out = orig_update(sched_out, sampled, step)
         timing["update"].append(time.perf_counter() - t)
         return out
 
-    engine.scheduler.schedule, engine.runner.execute, engine.update = schedule, execute, update
+    engine.scheduler.schedule, engine.runner.launch, engine.runner.resolve, engine.update = (
+        schedule, launch, resolve, update)
     prof = cProfile.Profile() if args.cprofile else None
 
     from pdserve.sampling.params import SamplingParams
@@ -103,22 +111,26 @@ def main() -> int:
         first[:] = first or got
         wall = time.perf_counter() - t0
         useful = sum(r.max_tokens for r in reqs)
-        steps = len(timing["execute"])
+        steps = len(timing["launch"])
         print(f"offline ({label}): {n} requests, {sum(len(r.ids) for r in reqs)} prompt tokens, "
               f"{useful} output tokens: {seconds:.2f} s ({useful / seconds:.0f} output tok/s), "
               f"{steps} steps ({dict(kinds)})")
-        for name in ("schedule", "execute", "update"):
+        for name in ("schedule", "launch", "resolve", "update"):
             xs = timing[name]
             print(f"  {name:9s} {sum(xs):7.3f} s total, {1e3 * sum(xs) / max(1, len(xs)):6.2f} ms a step")
         rest = wall - sum(sum(v) for v in timing.values())
         print(f"  other     {rest:7.3f} s (generate's own loop, request setup, output assembly)")
         print(f"  token ids and text the same as the first run's: {got == first}")
 
-    run(f"overlapped detokenization {'on' if engine.overlap_detokenize else 'off'}")
+    def label() -> str:
+        return (f"detokenize overlapped {'on' if engine.overlap_detokenize else 'off'}, "
+                f"look-ahead {'on' if engine.look_ahead else 'off'}")
+
+    run(label())
     for _ in range(args.ab):
-        for on in (False, True):
-            engine.overlap_detokenize = on
-            run(f"A/B, overlapped detokenization {'on' if on else 'off'}")
+        for overlap, ahead in ((False, False), (True, False), (True, True)):
+            engine.overlap_detokenize, engine.look_ahead = overlap, ahead
+            run(f"A/B, {label()}")
     if prof:
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(35)

@@ -197,6 +197,9 @@ class EngineConfig:
     # Detokenize a step's tokens while the next step runs on the device (LLMEngine.step);
     # None: on for CUDA, off for CPU (a CPU forward pass leaves no time to overlap).
     overlap_detokenize: bool | None = None
+    # Schedule and launch each step before reading the previous step's tokens
+    # (LLMEngine.step); None: on for CUDA, off for CPU. Never in the prefill role.
+    look_ahead: bool | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "both"):

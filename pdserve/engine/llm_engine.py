@@ -14,7 +14,7 @@ from pdserve.cache.kv_cache_manager import KVCacheManager
 from pdserve.config import EngineConfig, ModelConfig, resolve_dtype
 from pdserve import env
 from pdserve.engine.cuda_graph import CudaGraphConfig
-from pdserve.engine.runner import ModelRunner
+from pdserve.engine.runner import PLACEHOLDER_TOKEN, InFlight, ModelRunner
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.sequence import (FINISH_ABORT, FINISH_LENGTH, Sequence, SeqStatus)
 from pdserve.kernels import get_attention_ops
@@ -34,6 +34,15 @@ CUDA_GRAPH_MAX_CONTEXT = 16384
 # Detokenizing while the next step runs pays where the device computes asynchronously
 # and the batch is large enough for text work to show (~5-10 us a sequence).
 OVERLAP_DETOKENIZE_MIN_SEQS = 8
+
+
+@dataclass
+class _Step:
+    """A launched step, as the engine tracks it until update()."""
+    sched: SchedulerOutput
+    flight: InFlight
+    progressed: bool = False      # scheduler.update_after_step already applied (look-ahead)
+    placeholders: set[str] = field(default_factory=set)  # seq ids given PLACEHOLDER_TOKEN
 
 
 @dataclass
@@ -103,6 +112,10 @@ class LLMEngine:
         self._texted: list[RequestOutput] = []
         # Set by AsyncEngine: where outputs made mid-step go at once, not at step's end.
         self.early_sink: Callable[[list[RequestOutput]], None] | None = None
+        # Look-ahead (see step()): the launched step whose tokens the next step() reads.
+        self.look_ahead = (self.device.type == "cuda" if config.look_ahead is None
+                           else config.look_ahead) and config.role != "prefill"
+        self._inflight: _Step | None = None
         logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                     mc.architecture, self.device, self.dtype, self.num_blocks, cc.block_size,
                     self.max_model_len)
@@ -142,7 +155,8 @@ class LLMEngine:
         return self._output(seq, [], "", None)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self._untexted or self._texted)
+        return (self.scheduler.has_work() or self._inflight is not None
+                or bool(self._untexted or self._texted))
 
     def pending_request_ids(self) -> list[str]:
         """Requests whose last output is still to come: active ones, and finished ones
@@ -152,20 +166,68 @@ class LLMEngine:
 
     # -- the loop -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One engine step. With overlap_detokenize, the text of the previous step's
-        tokens (sequences without stop strings, past their first token, in batches of
-        OVERLAP_DETOKENIZE_MIN_SEQS or more) is computed after this step's forward pass
-        is launched, while the device runs it; whether such a sequence ends never
-        depends on its text, so scheduling does not wait for it. Those outputs go to
-        early_sink as soon as they are made, or lead this step's return."""
-        sched_out = self.scheduler.schedule()
-        sampled = [] if sched_out.is_empty else self.runner.execute(
-            sched_out, overlap=self._detokenize_untexted)
-        self._detokenize_untexted()  # when nothing ran, or no row was sampled
+        """One engine step: schedule → launch → resolve → update.
+
+        With look_ahead (CUDA by default), a step's successor is scheduled and launched
+        before the host waits for the step's tokens: sequences that sampled get a
+        PLACEHOLDER_TOKEN, the successor reads those ids on the device, and the host
+        then reads the tokens and runs update() while the device computes the
+        successor. A sequence that turns out to have ended (eos, a stop string) costs
+        one wasted row; one certain to end (max_tokens, the context length) is left out
+        of the successor. A successor that samples with penalties (they read the
+        output ids on the host) is launched right after update() instead.
+
+        With overlap_detokenize, the text of the previous step's tokens (sequences
+        without stop strings, past their first token, in batches of
+        OVERLAP_DETOKENIZE_MIN_SEQS or more) is computed while the device runs; whether
+        such a sequence ends never depends on its text. Those outputs go to early_sink
+        as soon as they are made, or lead this step's return."""
+        cur, self._inflight = self._inflight, None
+        if cur is None:
+            sched_out = self.scheduler.schedule()
+            if sched_out.is_empty:
+                self._detokenize_untexted()
+                return self._take_texted()
+            cur = _Step(sched_out, self.runner.launch(sched_out))
+        later: SchedulerOutput | None = None
+        if self.look_ahead:
+            later = self._look_ahead(cur)
+        self._detokenize_untexted()
+        sampled = self.runner.resolve(cur.flight)
+        outputs = self._take_texted() + self.update(cur.sched, sampled, cur)
+        if later is not None:
+            # cur's tokens may have ended some of its sequences (eos, a stop string)
+            later.scheduled = [s for s in later.scheduled if s.seq.status != SeqStatus.FINISHED]
+            if later.scheduled:
+                self._inflight = _Step(later, self.runner.launch(later))
+        return outputs
+
+    def _look_ahead(self, cur: "_Step") -> SchedulerOutput | None:
+        """Schedule cur's successor now; launch it unless it needs cur's tokens on the
+        host (then it is returned, to launch after update)."""
+        self.scheduler.update_after_step(cur.sched)
+        cur.progressed = True
+        for seq in cur.flight.inputs.sampling_seqs:
+            if seq.status == SeqStatus.FINISHED:
+                continue  # aborted while cur was in flight
+            stream = self.streams.get(seq.seq_id)
+            if ((stream is not None and stream.num_output_tokens + 1 >= seq.params.max_tokens)
+                    or seq.num_tokens + 1 >= self.max_model_len):
+                self.scheduler.detach(seq)  # ends with cur's token, whatever it is
+                continue
+            seq.tokens.append(PLACEHOLDER_TOKEN)
+            cur.placeholders.add(seq.seq_id)
+        nxt = self.scheduler.schedule()
+        if nxt.is_empty:
+            return None
+        if any(s.samples and s.seq.params.needs_penalties for s in nxt.scheduled):
+            return nxt
+        self._inflight = _Step(nxt, self.runner.launch(nxt, source=cur.flight))
+        return None
+
+    def _take_texted(self) -> list[RequestOutput]:
         texted, self._texted = self._texted, []
-        if sched_out.is_empty:
-            return texted
-        return texted + self.update(sched_out, sampled)
+        return texted
 
     def _detokenize_untexted(self) -> None:
         untexted, self._untexted = self._untexted, []
@@ -185,14 +247,21 @@ class LLMEngine:
         else:
             self._texted.extend(outs)
 
-    def update(self, sched_out: SchedulerOutput,
-               sampled: list[tuple[Sequence, SampleResult]]) -> list[RequestOutput]:
-        self.scheduler.update_after_step(sched_out)
+    def update(self, sched_out: SchedulerOutput, sampled: list[tuple[Sequence, SampleResult]],
+               step: "_Step | None" = None) -> list[RequestOutput]:
+        if step is None or not step.progressed:
+            self.scheduler.update_after_step(sched_out)
         now = time.monotonic()
         outputs = []
         overlap = self.overlap_detokenize and len(sampled) >= OVERLAP_DETOKENIZE_MIN_SEQS
         for seq, res in sampled:
-            seq.tokens.append(res.token_id)
+            if seq.status == SeqStatus.FINISHED:
+                continue  # ended while this step was in flight (abort, or eos one step earlier)
+            if step is not None and seq.seq_id in step.placeholders:
+                assert seq.tokens[-1] == PLACEHOLDER_TOKEN, seq.seq_id
+                seq.tokens[-1] = res.token_id
+            else:
+                seq.tokens.append(res.token_id)
             if seq.first_token_time is None:
                 seq.first_token_time = now
             lps = None

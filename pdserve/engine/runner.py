@@ -25,7 +25,7 @@ from pdserve.engine.cuda_graph import CudaGraphConfig, CudaGraphRunner
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.engine.sequence import Sequence
 from pdserve.kernels.metadata import AttentionMetadata
-from pdserve.sampling.sampler import SampleResult, Sampler, SamplingRow
+from pdserve.sampling.sampler import PendingSample, SampleResult, Sampler, SamplingRow
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,20 @@ class StepInputs:
     meta: AttentionMetadata
     logits_indices: Tensor   # [S] int64: row of the last token of each sampling sequence
     sampling_seqs: list[Sequence]
+
+
+# In a sequence's token list, the slot of a token sampled by a step still in flight
+# (LLMEngine's look-ahead): the next step reads its value on the device, and the engine
+# writes the real id once the step that samples it has been resolved.
+PLACEHOLDER_TOKEN = -1
+
+
+@dataclass
+class InFlight:
+    """A launched step: its forward pass and sampling are queued on the device."""
+    inputs: StepInputs
+    pending: PendingSample | None              # None: no row samples this step
+    rows: dict[str, int] = dataclasses.field(default_factory=dict)  # seq_id -> sampled row
 
 
 class ModelRunner:
@@ -88,7 +102,10 @@ class ModelRunner:
                 self.layer_hook(idx, self._exporting)
         return hook
 
-    def prepare(self, out: SchedulerOutput) -> StepInputs:
+    def prepare(self, out: SchedulerOutput, source: InFlight | None = None) -> StepInputs:
+        """Step inputs on the device. `source`: a step still in flight whose sampled tokens
+        some sequences here take as input (PLACEHOLDER_TOKEN in their token lists); those
+        ids are copied from its device tensor, so the host never waits for them."""
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -98,11 +115,20 @@ class ModelRunner:
         tables: list[list[int]] = []
         logits_idx: list[int] = []
         sampling: list[Sequence] = []
+        from_dst: list[int] = []   # rows of ids whose token comes from `source`
+        from_src: list[int] = []   # ... and their rows in source's sampled tokens
         for s in out.scheduled:
             seq, n = s.seq, s.num_new_tokens
             start = seq.num_computed_tokens
             table = self.block_table_fn(seq.seq_id)
-            ids.extend(seq.tokens[start:start + n])
+            if n == 1 and seq.tokens[start] == PLACEHOLDER_TOKEN:
+                if source is None or seq.seq_id not in source.rows:
+                    raise RuntimeError(f"{seq.seq_id}: input token not sampled yet")
+                from_dst.append(len(ids))
+                from_src.append(source.rows[seq.seq_id])
+                ids.append(0)
+            else:
+                ids.extend(seq.tokens[start:start + n])
             pos.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             qsl.append(qsl[-1] + n)
@@ -119,22 +145,32 @@ class ModelRunner:
         # each pointer is 16-byte aligned, and parts at arbitrary offsets would make new
         # kernel variants (a JIT compile stall mid-serving) as batch sizes change.
         nseq, width = len(seq_lens), max(len(t) for t in tables)
-        parts64 = (ids, pos, slots, logits_idx)
+        parts64 = (ids, pos, slots, logits_idx, from_dst, from_src)
         at64 = _aligned_offsets([len(x) for x in parts64], 2)
-        host64 = np.zeros(at64[-1], dtype=np.int64)
+        host64_t = self._host_buffer(at64[-1], torch.int64)
+        host64 = host64_t.numpy()
         for part, o in zip(parts64, at64):
             host64[o:o + len(part)] = part
         at32 = _aligned_offsets([nseq + 1, nseq, nseq * width], 4)
-        host32 = np.zeros(at32[-1], dtype=np.int32)
+        host32_t = self._host_buffer(at32[-1], torch.int32)
+        host32 = host32_t.numpy()
         host32[at32[0]:at32[0] + nseq + 1] = qsl
         host32[at32[1]:at32[1] + nseq] = seq_lens
         bt = host32[at32[2]:at32[2] + nseq * width].reshape(nseq, width)
         for i, t in enumerate(tables):
             bt[i, :len(t)] = t
         dev = self.device
-        dev64 = torch.from_numpy(host64).to(dev)
-        dev32 = torch.from_numpy(host32).to(dev)
-        ids_t, pos_t, slots_t, logits_t = (dev64[o:o + len(x)] for x, o in zip(parts64, at64))
+        # Pinned buffers on CUDA: the copies then never wait for the device (a copy from
+        # pageable memory synchronizes, and the look-ahead prepares a step while the
+        # previous one still runs).
+        pinned = host64_t.is_pinned()
+        dev64 = host64_t.to(dev, non_blocking=pinned)
+        dev32 = host32_t.to(dev, non_blocking=pinned)
+        ids_t, pos_t, slots_t, logits_t, dst_t, src_t = (
+            dev64[o:o + len(x)] for x, o in zip(parts64, at64))
+        if from_dst:
+            assert source is not None and source.pending is not None
+            ids_t[dst_t] = source.pending.tokens[src_t]
         qlens = [qsl[i + 1] - qsl[i] for i in range(nseq)]
         meta = AttentionMetadata(
             slot_mapping=slots_t,
@@ -154,22 +190,40 @@ class ModelRunner:
             sampling_seqs=sampling,
         )
 
+    def _host_buffer(self, n: int, dtype: torch.dtype) -> Tensor:
+        """A zeroed host buffer for step inputs (pinned when the device is CUDA; torch's
+        caching host allocator reuses a block only after its copy has completed)."""
+        return torch.zeros(n, dtype=dtype, pin_memory=self.device.type == "cuda")
+
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput,
                 overlap: Callable[[], None] | None = None) -> list[tuple[Sequence, SampleResult]]:
         """Run one step and sample. `overlap` runs once the forward pass is launched and
         before the host waits for it: host work that the device time hides."""
-        inp = self.prepare(out)
-        logits = self._logits(inp)
+        flight = self.launch(out)
         if overlap is not None:
             overlap()
+        return self.resolve(flight)
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, source: InFlight | None = None) -> InFlight:
+        """Queue one step's forward pass and sampling on the device; returns at once on
+        CUDA (the host waits only in resolve())."""
+        inp = self.prepare(out, source)
+        logits = self._logits(inp)
         if not inp.sampling_seqs:
-            return []
+            return InFlight(inp, None)
         rows = [SamplingRow(params=seq.params, prompt_token_ids=seq.prompt_token_ids,
                             output_token_ids=seq.output_token_ids, generator=seq.generator)
                 for seq in inp.sampling_seqs]
-        results = self.sampler(logits, rows)
-        return list(zip(inp.sampling_seqs, results))
+        return InFlight(inp, self.sampler.launch(logits, rows),
+                        {seq.seq_id: i for i, seq in enumerate(inp.sampling_seqs)})
+
+    def resolve(self, flight: InFlight) -> list[tuple[Sequence, SampleResult]]:
+        """Wait for a launched step's sampled tokens (one host sync)."""
+        if flight.pending is None:
+            return []
+        return list(zip(flight.inputs.sampling_seqs, flight.pending.results()))
 
     def _logits(self, inp: StepInputs) -> Tensor:
         """Runs the step (writing its KV); logits [S, V] float32 of the sampling rows."""

@@ -153,8 +153,20 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
 
+    def detach(self, seq: Sequence) -> None:
+        """Leave a running sequence out of later steps and free its blocks: it ends with
+        the token of the step still in flight (engine look-ahead), so no later step
+        reads its KV. Steps run in order on the device, so a later step that gets these
+        blocks writes them only after the in-flight step has. remove() at its finish
+        then finds nothing left to free."""
+        self.running.remove(seq)
+        self.kv.free(seq.seq_id)
+
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """Advance progress and publish newly full blocks to the prefix cache."""
+        """Advance progress and publish newly full blocks to the prefix cache. Sequences
+        that ended while the step was in flight are skipped: their blocks are gone."""
         for s in out.scheduled:
+            if s.seq.status == SeqStatus.FINISHED:
+                continue
             s.seq.num_computed_tokens += s.num_new_tokens
             self.kv.cache_blocks(s.seq.seq_id, s.seq.tokens, s.seq.num_computed_tokens)

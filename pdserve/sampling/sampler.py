@@ -135,6 +135,12 @@ class Sampler:
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, logits: Tensor, rows: list[SamplingRow]) -> list[SampleResult]:
+        return self.launch(logits, rows).results()
+
+    def launch(self, logits: Tensor, rows: list[SamplingRow]) -> "PendingSample":
+        """Queue the sampling on logits' device without waiting for it: the returned
+        PendingSample holds the token ids as a device tensor (a later step can read them
+        there) until results() brings everything to the host in one sync."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, V], "
                              f"got {tuple(logits.shape)}")
@@ -147,7 +153,7 @@ class Sampler:
                      if r.params.temperature >= _GREEDY_TEMPERATURE]
 
         if not (lp_rows or pen_rows or mask_rows or rand_rows):
-            return [SampleResult(t, None, None) for t in logits.argmax(dim=-1).tolist()]
+            return PendingSample(self, logits.argmax(dim=-1), None, [], rows)
 
         raw_lp = torch.log_softmax(logits[lp_rows], dim=-1) if lp_rows else None  # [l, V]
         x = logits
@@ -162,7 +168,7 @@ class Sampler:
         tokens = x.argmax(dim=-1)                                       # [n] int64
         if rand_rows:
             tokens[rand_rows] = self._sample(x[rand_rows], [rows[i] for i in rand_rows])
-        return self._results(tokens, raw_lp, lp_rows, rows)
+        return PendingSample(self, tokens, raw_lp, lp_rows, rows)
 
     # -- steps -------------------------------------------------------------------------
 
@@ -235,6 +241,20 @@ class Sampler:
             gen = make_generator(self.seed, device)
             self._generators[device] = gen
         return gen
+
+
+@dataclass(frozen=True)
+class PendingSample:
+    """One step's sampling, queued on the device (Sampler.launch)."""
+    sampler: Sampler
+    tokens: Tensor                 # [n] int64 sampled ids, on the logits' device
+    raw_lp: Tensor | None
+    lp_rows: list[int]
+    rows: list[SamplingRow]
+
+    def results(self) -> list[SampleResult]:
+        """Wait for the device and read the tokens (and logprobs): one host sync."""
+        return self.sampler._results(self.tokens, self.raw_lp, self.lp_rows, self.rows)
 
 
 def _padded(lists: Sequence[Sequence[int]], pad: int, device: torch.device) -> Tensor:

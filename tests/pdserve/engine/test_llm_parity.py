@@ -108,8 +108,8 @@ def test_step_inputs_start_on_16_byte_boundaries(llm, monkeypatch):
     seen = []
     orig = ModelRunner.prepare
 
-    def spy(self, out):
-        inp = orig(self, out)
+    def spy(self, out, source=None):
+        inp = orig(self, out, source)
         m = inp.meta
         tensors = [inp.input_ids, inp.positions, inp.logits_indices, m.slot_mapping,
                    m.query_start_loc, m.seq_lens, m.block_tables]
