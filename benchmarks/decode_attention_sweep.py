@@ -7,6 +7,8 @@ replays over rotated copies of the inputs, so the L2 is not what gets measured),
 prints the default, the best, and SDPA (`enable_gqa`, contiguous KV) in one table.
 
     python benchmarks/decode_attention_sweep.py [--quick] [--out sweep.json]
+    # the Llama-3.2-1B shape of part e (GQA 32/8, head dim 64), at its batch and contexts
+    python benchmarks/decode_attention_sweep.py --heads 32,8,64 --shapes 128x1024,128x2048,64x2048
 """
 from __future__ import annotations
 
@@ -34,23 +36,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two shapes, fewer tiles")
     parser.add_argument("--out", default="")
+    parser.add_argument("--heads", default=f"{HQ},{HKV},{D}", help="query heads, kv heads, head dim")
+    parser.add_argument("--shapes", default="", help="BATCHxCONTEXT,... (default: the goal's)")
     args = parser.parse_args()
+    hq, hkv, d = (int(x) for x in args.heads.split(","))
     from pdserve.kernels import triton_attention as ta
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     shapes = SHAPES[1:3] if args.quick else SHAPES
-    tiles = [(64, 4, None)] + (TILES[:6] if args.quick else TILES)
+    if args.shapes:
+        shapes = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")]
+    print(f"GQA {hq}/{hkv}, head dim {d}, bf16, page {PAGE}", flush=True)
+    sweep_tiles = TILES[:6] if args.quick else TILES
     results = []
     for bs, ctx in shapes:
-        kv_bytes = 2 * bs * ctx * HKV * D * 2
+        kv_bytes = 2 * bs * ctx * hkv * d * 2
         copies = max(1, min(64, math.ceil(ROTATE_BYTES / kv_bytes)))
-        k = torch.randn(copies * bs, HKV, ctx, D, dtype=torch.bfloat16, device=dev)
+        k = torch.randn(copies * bs, hkv, ctx, d, dtype=torch.bfloat16, device=dev)
         v = torch.randn_like(k)
         kc, vc, bt = paged_copy(k, v, gen)
-        q = torch.randn(copies, bs, HQ, D, dtype=torch.bfloat16, device=dev)
+        q = torch.randn(copies, bs, hq, d, dtype=torch.bfloat16, device=dev)
         seq_lens = torch.full((bs,), ctx, dtype=torch.int32, device=dev)
-        scale = D ** -0.5
+        scale = d ** -0.5
 
         def sdpa(i: int) -> torch.Tensor:
             rows = slice(i * bs, (i + 1) * bs)
@@ -59,7 +67,9 @@ def main() -> int:
 
         sdpa_ms, _ = per_call_ms([lambda i=i: sdpa(i) for i in range(copies)], dev)
         ref = sdpa(0)
-        default_splits = ta.choose_num_splits(bs, HKV, ctx, dev)
+        default_splits = ta.choose_num_splits(bs, hkv, ctx, dev)
+        default_tile = ta._decode_tiles(torch.bfloat16, d, bs * hkv * default_splits)
+        tiles = [default_tile] + [t for t in sweep_tiles if t != default_tile]
         split_options = sorted({max(1, default_splits // 2), default_splits,
                                 min(64, default_splits * 2), min(64, default_splits * 4)})
         rows = []
@@ -76,7 +86,7 @@ def main() -> int:
             rows.append({"tile": tile, "splits": splits, "us": ms * 1e3, "x_sdpa": sdpa_ms / ms,
                          "tb_s": kv_bytes / ms / 1e9, "err": err})
         ok = [r for r in rows if "us" in r]
-        default = next(r for r in ok if r["tile"] == (64, 4, None) and r["splits"] == default_splits)
+        default = next(r for r in ok if r["tile"] == default_tile and r["splits"] == default_splits)
         best = min(ok, key=lambda r: r["us"])
         top = sorted(ok, key=lambda r: r["us"])[:5]
         results.append({"bs": bs, "ctx": ctx, "sdpa_us": sdpa_ms * 1e3, "default_splits": default_splits,

@@ -5,9 +5,16 @@ copy bandwidth measured in the same run. Explains the gap to the roofline in
 benchmarks/RESULTS.md.
 
     python benchmarks/decode_step_profile.py   (on a CUDA machine)
+    # part e's Llama-3.2-1B shape, its batch and context, kernels profiled at bs 128
+    python benchmarks/decode_step_profile.py --shape 1b --ctx 1024 --profile-bs 128
 """
-import json, logging, os, statistics, sys, time
+import argparse, json, logging, os, statistics, sys, time
 import torch
+ap = argparse.ArgumentParser()
+ap.add_argument("--shape", choices=("8b", "1b"), default="8b")
+ap.add_argument("--ctx", type=int, default=512)
+ap.add_argument("--profile-bs", type=int, default=1)
+args = ap.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 from pdserve.config import ModelConfig
 from pdserve.engine.cuda_graph import CudaGraphConfig
@@ -33,11 +40,18 @@ bw = 2 * x.numel() * 2 / statistics.median(ts)
 res["copy_bw_TBps"] = bw / 1e12
 del x, y; torch.cuda.empty_cache()
 
+SHAPES = {
+    "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+           "tie_word_embeddings": False},
+    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+           "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+           "tie_word_embeddings": True},
+}
 cfg = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
-    "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
     "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-    "tie_word_embeddings": False})
+    **SHAPES[args.shape]})
+res["shape"] = args.shape
 t0 = time.perf_counter()
 with torch.device("meta"):
     model = CausalLM(cfg, get_attention_ops("triton"))
@@ -51,11 +65,13 @@ with torch.no_grad():
 model.fuse_projections()
 torch.cuda.synchronize(); res["build_s"] = time.perf_counter() - t0
 param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-embed_bytes = model.model.embed_tokens.weight.numel() * 2
+# An untied embedding table is not read by a decode step (a row gather); a tied one is
+# the LM head, and counted once among the parameters.
+embed_bytes = 0 if cfg.tie_word_embeddings else model.model.embed_tokens.weight.numel() * 2
 res["param_GB"] = param_bytes / 1e9
 
 
-CTX, PAGE = 512, 16
+CTX, PAGE = args.ctx, 16
 BSS = [1, 8, 32, 128]
 per_seq_blocks = CTX // PAGE
 nblocks = max(BSS) * per_seq_blocks + 8
@@ -65,7 +81,7 @@ with torch.no_grad():
 tables = {f"s{i}": list(range(i * per_seq_blocks, (i + 1) * per_seq_blocks)) for i in range(max(BSS))}
 sampler = Sampler([], seed=0)
 runner = ModelRunner(model, kv, PAGE, dev, sampler, tables.__getitem__,
-                     CudaGraphConfig(max_batch_size=max(BSS), max_context_len=2048))
+                     CudaGraphConfig(max_batch_size=max(BSS), max_context_len=max(2048, CTX)))
 params = SamplingParams(temperature=0.0)
 g = torch.Generator().manual_seed(0)
 rows = []
@@ -106,7 +122,7 @@ for bs in BSS:
                          output_token_ids=s.output_token_ids, generator=None) for s in seqs]
     row["sample_ms"] = med(lambda: sampler(logits, srows))
     row["execute_ms"] = med(lambda: runner.execute(out))
-    kv_bytes = bs * CTX * cfg.num_hidden_layers * 2 * 8 * 128 * 2
+    kv_bytes = bs * CTX * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
     read = param_bytes - embed_bytes + kv_bytes
     row["roofline_ms"] = read / bw * 1e3
     row["replay_pct_roofline"] = 100 * row["roofline_ms"] / row["replay_gpu_ms"]
@@ -119,11 +135,11 @@ out = os.environ.get("OUT")
 if out:
     open(os.path.join(out, "decode_step_profile.json"), "w").write(json.dumps(res, indent=1))
 
-# Kernel-level profile of one bs=1 step (eager forward, same kernels the graph replays).
+# Kernel-level profile of one step at --profile-bs (eager forward, the kernels the graph replays).
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 seqs = []
-for i in range(1):
+for i in range(args.profile_bs):
     s = Sequence(f"s{i}", torch.randint(0, 128256, (CTX - 1,), generator=g).tolist(), params)
     s.tokens.append(1)
     s.num_computed_tokens = CTX - 1

@@ -32,6 +32,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, for CPU")
     parser.add_argument("--cprofile", action="store_true", help="also print the top functions")
+    parser.add_argument("--find-syncs", action="store_true",
+                        help="last, one run that prints where the host waits for the GPU "
+                             "outside resolve() (torch.cuda sync debug mode)")
     parser.add_argument("--ab", type=int, default=0, metavar="N",
                         help="then N rounds of runs with the engine's overlap features off / partly / all on")
     args = parser.parse_args()
@@ -79,7 +82,12 @@ def main() -> int:
 
     def resolve(flight):
         t = time.perf_counter()
+        mode = torch.cuda.get_sync_debug_mode() if dev.type == "cuda" else 0
+        if mode:
+            torch.cuda.set_sync_debug_mode(0)   # the one wait a step should have
         out = orig_resolve(flight)
+        if mode:
+            torch.cuda.set_sync_debug_mode(mode)
         timing["resolve"].append(time.perf_counter() - t)
         return out
 
@@ -131,6 +139,25 @@ def main() -> int:
         for overlap, ahead in ((False, False), (True, False), (True, True)):
             engine.overlap_detokenize, engine.look_ahead = overlap, ahead
             run(f"A/B, {label()}")
+    if args.find_syncs and dev.type == "cuda":
+        import traceback
+        import warnings
+        stacks: dict[str, int] = {}
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            frames = [f for f in traceback.extract_stack()[:-2] if "warnings" not in f.filename]
+            key = "".join(traceback.format_list(frames[-7:]))
+            stacks[key] = stacks.get(key, 0) + 1
+
+        warnings.showwarning = show
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        run(f"sync check, {label()}")
+        torch.cuda.set_sync_debug_mode(0)
+        print(f"host waits for the GPU outside resolve(): {sum(stacks.values())} at "
+              f"{len(stacks)} places")
+        for key, count in sorted(stacks.items(), key=lambda kv: -kv[1])[:6]:
+            print(f"--- {count} times:\n{key}")
     if prof:
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(35)

@@ -97,6 +97,11 @@ class KVCacheManager:
         """A copy of the sequence's block ids in position order."""
         return list(self._table(seq_id))
 
+    def block_table_view(self, seq_id: str) -> list[int]:
+        """The sequence's live block-id list, without a copy: for the runner, which
+        reads it while packing a step's inputs. Never modify it."""
+        return self._table(seq_id)
+
     def num_blocks_needed(self, seq_id: str | None, num_tokens: int) -> int:
         """Blocks still to allocate so the table covers `num_tokens` tokens
         (seq_id None or unknown: a sequence with no blocks yet)."""

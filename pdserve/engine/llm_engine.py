@@ -101,7 +101,7 @@ class LLMEngine:
             max_batch_size=config.scheduler.max_num_seqs,
             max_context_len=min(self.max_model_len, CUDA_GRAPH_MAX_CONTEXT))
         self.runner = ModelRunner(self.model, self.kv_caches, cc.block_size, self.device,
-                                  self.sampler, self.kv.block_table, cuda_graph=graphs)
+                                  self.sampler, self.kv.block_table_view, cuda_graph=graphs)
         self.seqs: dict[str, Sequence] = {}
         self.streams: dict[str, TextStream] = {}
         # Overlapped detokenization (see step()): tokens whose text is computed during

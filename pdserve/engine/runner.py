@@ -121,16 +121,21 @@ class ModelRunner:
             seq, n = s.seq, s.num_new_tokens
             start = seq.num_computed_tokens
             table = self.block_table_fn(seq.seq_id)
-            if n == 1 and seq.tokens[start] == PLACEHOLDER_TOKEN:
-                if source is None or seq.seq_id not in source.rows:
-                    raise RuntimeError(f"{seq.seq_id}: input token not sampled yet")
-                from_dst.append(len(ids))
-                from_src.append(source.rows[seq.seq_id])
-                ids.append(0)
+            if n == 1:   # a decode row: the common case, kept short
+                token = seq.tokens[start]
+                if token == PLACEHOLDER_TOKEN:
+                    if source is None or seq.seq_id not in source.rows:
+                        raise RuntimeError(f"{seq.seq_id}: input token not sampled yet")
+                    from_dst.append(len(ids))
+                    from_src.append(source.rows[seq.seq_id])
+                    token = 0
+                ids.append(token)
+                pos.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
             else:
                 ids.extend(seq.tokens[start:start + n])
-            pos.extend(range(start, start + n))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+                pos.extend(range(start, start + n))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             qsl.append(qsl[-1] + n)
             seq_lens.append(start + n)
             tables.append(table)
@@ -156,9 +161,13 @@ class ModelRunner:
         host32 = host32_t.numpy()
         host32[at32[0]:at32[0] + nseq + 1] = qsl
         host32[at32[1]:at32[1] + nseq] = seq_lens
-        bt = host32[at32[2]:at32[2] + nseq * width].reshape(nseq, width)
-        for i, t in enumerate(tables):
-            bt[i, :len(t)] = t
+        # One list -> array conversion for the whole table, not one per row.
+        flat: list[int] = []
+        pad = [0] * width
+        for t in tables:
+            flat += t
+            flat += pad[:width - len(t)]
+        host32[at32[2]:at32[2] + nseq * width] = flat
         dev = self.device
         # Pinned buffers on CUDA: the copies then never wait for the device (a copy from
         # pageable memory synchronizes, and the look-ahead prepares a step while the

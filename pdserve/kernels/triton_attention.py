@@ -287,11 +287,17 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: t
     return max(1, min(want, by_len, _MAX_SPLITS))
 
 
-def _decode_tiles(dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_N, num_warps) for decode: on an H100, 64 x 4 warps was within 3% of the best
-    of BLOCK_N 16..128 x warps 2/4/8 for bf16 at G=1/2/4, batch 1..256 (fp32, which is not
-    a serving dtype and is bound by its ieee dot, within 25%)."""
-    return 64, 4
+def _decode_tiles(dtype: torch.dtype, head_dim: int, programs: int) -> tuple[int, int, int | None]:
+    """(BLOCK_N, num_warps, num_stages or None for Triton's default) for decode. On an
+    H100, 64 x 4 warps was within 3% of the best of BLOCK_N 16..128 x warps 2/4/8 for bf16
+    at head dim 128, G=1/2/4, batch 1..256 (fp32, which is not a serving dtype and is bound
+    by its ieee dot, within 25%). At head dim 64 with >= 1024 programs (Llama-3.2-1B at
+    batch 128), BLOCK_N 32 with 2 stages took 99.9 us against 116 us for the default, at
+    context 1024 and 2048; at 512 programs the default stayed best
+    (benchmarks/decode_attention_sweep.py, RESULTS.md)."""
+    if head_dim <= 64 and programs >= 1024:
+        return 32, 4, 2
+    return 64, 4, None
 
 
 def _prefill_tiles(block_g: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
@@ -335,7 +341,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tens
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     g = hq // hkv
-    block_n, num_warps, num_stages = tiles or (*_decode_tiles(q.dtype), None)
+    block_n, num_warps, num_stages = tiles or _decode_tiles(q.dtype, d, bsz * hkv * num_splits)
     extra = {} if num_stages is None else {"num_stages": num_stages}
     block_d = max(16, triton.next_power_of_2(d))
     one = num_splits == 1

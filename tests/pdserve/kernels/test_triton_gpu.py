@@ -71,6 +71,7 @@ def _ragged(bs: int, max_len: int, seed: int) -> list[int]:
     (33, 3000, 32, 2, 8, 64),
     (17, 1000, 8, 4, 1, 128),    # MHA: 1 head padded to 16 dot rows
     (8, 2048, 16, 3, 3, 64),     # SmolLM2-like G=3
+    (128, 2048, 16, 8, 4, 64),   # Llama-3.2-1B at batch 128: the BLOCK_N 32 tiles
 ])
 @pytest.mark.parametrize("num_splits", [None, 1, 5])
 def test_decode_parity_gpu(bs: int, max_len: int, page: int, hkv: int, g: int, d: int,
