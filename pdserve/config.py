@@ -198,8 +198,10 @@ class EngineConfig:
     # None: on for CUDA, off for CPU (a CPU forward pass leaves no time to overlap).
     overlap_detokenize: bool | None = None
     # Schedule and launch each step before reading the previous step's tokens
-    # (LLMEngine.step); None: on for CUDA, off for CPU. Never in the prefill role.
-    look_ahead: bool | None = None
+    # (LLMEngine.step). Off by default: on the H100 workload of benchmarks/RESULTS.md the
+    # device is the bottleneck once detokenization overlaps, and it measured no gain.
+    # Never in the prefill role.
+    look_ahead: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode", "both"):

@@ -53,7 +53,7 @@ class LLM:
                  kv_cache_memory_gb: float = 1.0, enable_prefix_caching: bool = True,
                  max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, seed: int = 0,
-                 overlap_detokenize: bool | None = None, look_ahead: bool | None = None) -> None:
+                 overlap_detokenize: bool | None = None, look_ahead: bool = False) -> None:
         config = EngineConfig(
             model=resolve_model_dir(model), dtype=dtype, device=device, seed=seed,
             overlap_detokenize=overlap_detokenize, look_ahead=look_ahead,

@@ -113,8 +113,7 @@ class LLMEngine:
         # Set by AsyncEngine: where outputs made mid-step go at once, not at step's end.
         self.early_sink: Callable[[list[RequestOutput]], None] | None = None
         # Look-ahead (see step()): the launched step whose tokens the next step() reads.
-        self.look_ahead = (self.device.type == "cuda" if config.look_ahead is None
-                           else config.look_ahead) and config.role != "prefill"
+        self.look_ahead = config.look_ahead and config.role != "prefill"
         self._inflight: _Step | None = None
         logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                     mc.architecture, self.device, self.dtype, self.num_blocks, cc.block_size,
@@ -168,7 +167,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine step: schedule → launch → resolve → update.
 
-        With look_ahead (CUDA by default), a step's successor is scheduled and launched
+        With look_ahead (EngineConfig.look_ahead), a step's successor is scheduled and launched
         before the host waits for the step's tokens: sequences that sampled get a
         PLACEHOLDER_TOKEN, the successor reads those ids on the device, and the host
         then reads the tokens and runs update() while the device computes the
