@@ -200,7 +200,9 @@ class EngineConfig:
     # Schedule and launch each step before reading the previous step's tokens
     # (LLMEngine.step). Off by default: on the H100 workload of benchmarks/RESULTS.md the
     # device is the bottleneck once detokenization overlaps, and it measured no gain.
-    # Never in the prefill role.
+    # Never in the prefill role; an engine with it refuses reserve() (KV that another
+    # process writes is not ordered after the step in flight), so it is for LLM's
+    # offline use, not for serving workers.
     look_ahead: bool = False
 
     def __post_init__(self) -> None:

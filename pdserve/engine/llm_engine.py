@@ -307,6 +307,10 @@ class LLMEngine:
                 params: SamplingParams) -> list[int] | None:
         """Hold blocks for a prompt whose KV another worker will write. Returns the block
         ids (in block-table order), or None when the pool cannot hold it now."""
+        if self.look_ahead:
+            # A step in flight may still write blocks that look-ahead has freed, and
+            # another process's KV writes are not ordered after it on this device.
+            raise RuntimeError("an engine with look_ahead cannot take KV from other workers")
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already active")
         self.validate(prompt_token_ids, params)

@@ -174,3 +174,10 @@ def test_sequences_that_end_while_their_successor_is_in_flight(model):
             assert not eos.intersection(a["ids"][:-1])
     # the same requests without look-ahead end for the same kinds of reasons
     assert tok is not None
+
+
+def test_a_look_ahead_engine_takes_no_kv_from_other_workers(model):
+    engine = _engine(model, look_ahead=True)
+    with pytest.raises(RuntimeError, match="look_ahead"):
+        engine.reserve("x", [1, 2, 3], SamplingParams(max_tokens=2))
+    assert engine.pool.stats().in_use == 0
