@@ -12,21 +12,6 @@ from pdserve.engine.llm_engine import LLMEngine
 from pdserve.engine.runner import PLACEHOLDER_TOKEN
 from pdserve.sampling.params import SamplingParams
 
-PROMPTS = [
-    "The capital of France is",
-    "List three colors:",
-    "def fibonacci(n):",
-    "Write a haiku about the sea.",
-    "1, 2, 3, 4,",
-    "Once upon a time",
-    "The quick brown fox",
-    "Explain gravity in one sentence.",
-    "import numpy as np",
-    "My favourite food is",
-    "Hello! How are you today?",
-    "Translate to French: good morning",
-]
-
 
 def _params(i: int, early_ends: bool = False) -> SamplingParams:
     """Without early_ends no sequence ends before max_tokens, so both engines run the
@@ -84,10 +69,11 @@ def _take(acc: dict, out) -> None:
         a["finish"], a["finals"] = out.finish_reason, 1
 
 
-def _run(engine: LLMEngine, n: int = len(PROMPTS), abort_at=None, early_ends: bool = False) -> dict:
+def _run(engine: LLMEngine, prompts: list[str], n: int = 12, abort_at=None,
+         early_ends: bool = False) -> dict:
     tok = engine.tokenizer
     for i in range(n):
-        engine.add_request(f"r{i}", tok.encode(PROMPTS[i % len(PROMPTS)]), _params(i, early_ends))
+        engine.add_request(f"r{i}", tok.encode(prompts[i % len(prompts)]), _params(i, early_ends))
     acc: dict = {}
     _drain(engine, acc, abort_at)
     assert engine.pool.stats().in_use == 0
@@ -100,8 +86,8 @@ def model(default_model_dir):
     return default_model_dir
 
 
-def test_look_ahead_gives_the_same_outputs(model):
-    want = _run(_engine(model, look_ahead=False))
+def test_look_ahead_gives_the_same_outputs(model, prompts):
+    want = _run(_engine(model, look_ahead=False), prompts)
     engine = _engine(model, look_ahead=True)
     launched_early = []
     orig = engine.runner.launch
@@ -110,22 +96,22 @@ def test_look_ahead_gives_the_same_outputs(model):
         launched_early.append(source is not None)
         return orig(out, source)
     engine.runner.launch = launch
-    got = _run(engine)
+    got = _run(engine, prompts)
     assert any(launched_early)                 # successors really read device tokens
     assert got == want
     assert all(a["finals"] == 1 for a in got.values())
     assert len(got["r4"]["ids"]) == 1 and got["r4"]["finish"] in ("length", "stop")
 
 
-def test_look_ahead_with_overlapped_detokenization(model):
-    want = _run(_engine(model, look_ahead=False), n=12)
-    assert _run(_engine(model, look_ahead=True, overlap=True), n=12) == want
+def test_look_ahead_with_overlapped_detokenization(model, prompts):
+    want = _run(_engine(model, look_ahead=False), prompts, n=12)
+    assert _run(_engine(model, look_ahead=True, overlap=True), prompts, n=12) == want
 
 
-def test_look_ahead_under_preemption(model):
+def test_look_ahead_under_preemption(model, prompts):
     """A pool too small for the batch: the look-ahead schedule preempts sequences whose
     token is still in flight; they recompute with the real token."""
-    want = _run(_engine(model, look_ahead=False, num_blocks=8), n=10)
+    want = _run(_engine(model, look_ahead=False, num_blocks=8), prompts, n=10)
     engine = _engine(model, look_ahead=True, num_blocks=8)
     preempted = []
     orig = engine.scheduler.schedule
@@ -135,31 +121,31 @@ def test_look_ahead_under_preemption(model):
         preempted.extend(out.preempted)
         return out
     engine.scheduler.schedule = schedule
-    assert _run(engine, n=10) == want
+    assert _run(engine, prompts, n=10) == want
     assert preempted
 
 
-def test_look_ahead_at_the_context_length(model):
-    want = _run(_engine(model, look_ahead=False, max_model_len=24), n=8)
-    got = _run(_engine(model, look_ahead=True, max_model_len=24), n=8)
+def test_look_ahead_at_the_context_length(model, prompts):
+    want = _run(_engine(model, look_ahead=False, max_model_len=24), prompts, n=8)
+    got = _run(_engine(model, look_ahead=True, max_model_len=24), prompts, n=8)
     assert got == want
     assert any(a["finish"] == "length" for a in got.values())
 
 
 @pytest.mark.parametrize("when", [1, 2, 5])
-def test_abort_while_a_step_is_in_flight(model, when):
+def test_abort_while_a_step_is_in_flight(model, prompts, when):
     engine = _engine(model, look_ahead=True)
-    acc = _run(engine, n=8, abort_at={when: "r1", when + 1: "r3"})
+    acc = _run(engine, prompts, n=8, abort_at={when: "r1", when + 1: "r3"})
     assert acc["r1"]["finish"] == "abort" and acc["r3"]["finish"] in ("abort", "stop", "length")
     assert all(a["finals"] == 1 for a in acc.values())
 
 
-def test_sequences_that_end_while_their_successor_is_in_flight(model):
+def test_sequences_that_end_while_their_successor_is_in_flight(model, prompts):
     """eos and stop strings: the successor step already has a row for the sequence; its
     token is dropped, nothing follows the last output, every block comes back."""
     engine = _engine(model, look_ahead=True)
     tok = engine.tokenizer
-    acc = _run(engine, n=16, early_ends=True)
+    acc = _run(engine, prompts, n=16, early_ends=True)
     ends = {rid: a["finish"] for rid, a in acc.items()}
     assert "stop" in ends.values()
     for i in range(16):

@@ -8,23 +8,11 @@ from pdserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdserve.engine.llm_engine import OVERLAP_DETOKENIZE_MIN_SEQS, LLMEngine
 from pdserve.sampling.params import SamplingParams
 
-PROMPTS = [
-    "The capital of France is",
-    "List three colors:",
-    "def fibonacci(n):",
-    "Write a haiku about the sea.",
-    "1, 2, 3, 4,",
-    "Once upon a time",
-    "The quick brown fox",
-    "Explain gravity in one sentence.",
-    "import numpy as np",
-    "My favourite food is",
-]
 
 
-def _params() -> list[SamplingParams]:
+def _params(n: int) -> list[SamplingParams]:
     out = []
-    for i in range(len(PROMPTS)):
+    for i in range(n):
         if i == 3:
             out.append(SamplingParams(max_tokens=24, stop=[" the", "\n"]))  # text-stopped: never deferred
         elif i == 5:
@@ -43,11 +31,11 @@ def _engine(model_dir: str, overlap: bool) -> LLMEngine:
         scheduler=SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512)))
 
 
-def _run(engine: LLMEngine, tok) -> tuple[dict, list]:
+def _run(engine: LLMEngine, tok, prompts: list[str]) -> tuple[dict, list]:
     """Per request: (token ids, text, finish reason, number of finished outputs); and the
     list of deferred-token counts seen after each step."""
     acc: dict[str, dict] = {}
-    for i, (prompt, p) in enumerate(zip(PROMPTS, _params())):
+    for i, (prompt, p) in enumerate(zip(prompts[:10], _params(10))):
         engine.add_request(f"r{i}", tok.encode(prompt), p)
         acc[f"r{i}"] = {"ids": [], "text": "", "finish": None, "finished_outputs": 0}
     deferred = []
@@ -69,10 +57,10 @@ def engines(default_model_dir):
     return _engine(default_model_dir, False), _engine(default_model_dir, True)
 
 
-def test_overlap_gives_the_same_tokens_text_and_finish_reasons(engines):
+def test_overlap_gives_the_same_tokens_text_and_finish_reasons(engines, prompts):
     plain, overlapped = engines
-    want, none_deferred = _run(plain, plain.tokenizer)
-    got, deferred = _run(overlapped, overlapped.tokenizer)
+    want, none_deferred = _run(plain, plain.tokenizer, prompts)
+    got, deferred = _run(overlapped, overlapped.tokenizer, prompts)
     assert not any(none_deferred)
     assert max(deferred) >= OVERLAP_DETOKENIZE_MIN_SEQS - 2  # the overlap really ran
     assert got == want
@@ -83,21 +71,21 @@ def test_overlap_gives_the_same_tokens_text_and_finish_reasons(engines):
         assert e.pool.stats().in_use == 0 and not e.has_unfinished()
 
 
-def test_small_batches_are_not_deferred(engines):
+def test_small_batches_are_not_deferred(engines, prompts):
     _, overlapped = engines
     tok = overlapped.tokenizer
     for i in range(OVERLAP_DETOKENIZE_MIN_SEQS - 1):
-        overlapped.add_request(f"s{i}", tok.encode(PROMPTS[i]), SamplingParams(max_tokens=5))
+        overlapped.add_request(f"s{i}", tok.encode(prompts[i]), SamplingParams(max_tokens=5))
     while overlapped.has_unfinished():
         overlapped.step()
         assert not overlapped._untexted
 
 
-def test_length_finish_frees_blocks_before_the_final_text(engines):
+def test_length_finish_frees_blocks_before_the_final_text(engines, prompts):
     _, overlapped = engines
     tok = overlapped.tokenizer
     for i in range(OVERLAP_DETOKENIZE_MIN_SEQS):
-        overlapped.add_request(f"l{i}", tok.encode(PROMPTS[i]), SamplingParams(max_tokens=3, ignore_eos=True))
+        overlapped.add_request(f"l{i}", tok.encode(prompts[i]), SamplingParams(max_tokens=3, ignore_eos=True))
     finals = set()
     while overlapped.has_unfinished():
         finals |= {o.request_id for o in overlapped.step() if o.finished}
@@ -110,11 +98,11 @@ def test_length_finish_frees_blocks_before_the_final_text(engines):
     assert overlapped.pool.stats().in_use == 0
 
 
-def test_abort_of_a_request_with_pending_text_is_its_last_output(engines):
+def test_abort_of_a_request_with_pending_text_is_its_last_output(engines, prompts):
     _, overlapped = engines
     tok = overlapped.tokenizer
     for i in range(OVERLAP_DETOKENIZE_MIN_SEQS + 2):
-        overlapped.add_request(f"a{i}", tok.encode(PROMPTS[i % len(PROMPTS)]),
+        overlapped.add_request(f"a{i}", tok.encode(prompts[i % len(prompts)]),
                                SamplingParams(max_tokens=12, ignore_eos=True))
     while not overlapped._untexted:
         overlapped.step()
