@@ -205,14 +205,9 @@ class ModelRunner:
         return torch.zeros(n, dtype=dtype, pin_memory=self.device.type == "cuda")
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput,
-                overlap: Callable[[], None] | None = None) -> list[tuple[Sequence, SampleResult]]:
-        """Run one step and sample. `overlap` runs once the forward pass is launched and
-        before the host waits for it: host work that the device time hides."""
-        flight = self.launch(out)
-        if overlap is not None:
-            overlap()
-        return self.resolve(flight)
+    def execute(self, out: SchedulerOutput) -> list[tuple[Sequence, SampleResult]]:
+        """Run one step and sample: launch() then resolve()."""
+        return self.resolve(self.launch(out))
 
     @torch.inference_mode()
     def launch(self, out: SchedulerOutput, source: InFlight | None = None) -> InFlight:
