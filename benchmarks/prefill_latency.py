@@ -129,7 +129,7 @@ def main() -> int:
     runner.prepare = timed("prepare", orig[1])
     runner.model.forward = timed("forward", runner.model.forward)
     runner.model.compute_logits = timed("lm_head", runner.model.compute_logits)
-    runner.sampler = timed("sample", orig[3])
+    runner.sampler.launch = timed("sample", runner.sampler.launch)
     engine.update = timed("update", orig[4])
     print(f"{'tokens':>6} {'step ms':>8} " + " ".join(f"{k:>9}" for k in
           ("schedule", "prepare", "forward", "lm_head", "sample", "update")))
@@ -152,9 +152,8 @@ def main() -> int:
         print(f"{n:6d} {1e3 * med:8.2f} " + " ".join(f"{1e3 * v:9.2f}" for v in row.values()), flush=True)
     # The same prompts through AsyncEngine (the workers' engine thread + asyncio loop), as
     # time from add_request to the first output on the loop: the hand-offs between threads.
-    engine.scheduler.schedule, runner.prepare, runner.sampler, engine.update = (
-        orig[0], orig[1], orig[3], orig[4])
-    del runner.model.forward, runner.model.compute_logits   # the class methods again
+    engine.scheduler.schedule, runner.prepare, engine.update = orig[0], orig[1], orig[4]
+    del runner.model.forward, runner.model.compute_logits, runner.sampler.launch  # the class methods again
     import asyncio
     for n, ms in asyncio.run(async_ttft(engine, lengths, args.repeats, sh.token_range, sync)):
         print(f"AsyncEngine in this process: {n} tokens, add_request -> first output {ms:.2f} ms",

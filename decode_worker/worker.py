@@ -261,6 +261,16 @@ class DecodeWorker:
             kv_usage=float(st["kv_cache_usage"]), draining=self.draining,
             timestamp_unix_ms=int(time.time() * 1000)).SerializeToString()
 
+    async def start_profile(self, out_dir: str) -> None:
+        """Start a torch.profiler trace of this worker's engine (pdserve.profiling);
+        the trace is written under out_dir on this worker's node."""
+        assert self.aengine is not None
+        await self.aengine.start_profile(out_dir, self.spec.worker_id)
+
+    async def stop_profile(self) -> str:
+        assert self.aengine is not None
+        return await self.aengine.stop_profile()
+
     async def stats(self) -> dict:
         """Plain numbers for tests and metrics: pool, queues, reservations."""
         st = dict(self.engine.stats())

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.sequence import FINISH_ERROR
+from pdserve.profiling import EngineProfiler
 from pdserve.sampling.params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.dead: BaseException | None = None
+        self._profiler: EngineProfiler | None = None
         # Outputs the engine makes mid-step (overlapped detokenization) go out at once.
         engine.early_sink = self._deliver
 
@@ -131,6 +133,24 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(_set_res, fut, res)
         self._submit(cmd)
         return await fut
+
+    async def start_profile(self, out_dir: str, name: str = "engine") -> None:
+        """Start a torch.profiler trace of the engine thread (see pdserve.profiling)."""
+        def start(engine: LLMEngine) -> None:
+            if self._profiler is None:
+                self._profiler = EngineProfiler(name)
+            self._profiler.start(out_dir)
+            engine.profiling = True
+        await self.call(start)
+
+    async def stop_profile(self) -> str:
+        """Stop the trace and write it; returns the trace file's path."""
+        def stop(engine: LLMEngine) -> str:
+            if self._profiler is None:
+                raise RuntimeError("no profile is running")
+            engine.profiling = False
+            return self._profiler.stop()
+        return await self.call(stop)
 
     def _submit(self, cmd: Callable[[], None]) -> None:
         self._commands.put(cmd)

@@ -2,6 +2,7 @@
 schedule → execute → update."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -101,7 +102,9 @@ class LLMEngine:
             max_batch_size=config.scheduler.max_num_seqs,
             max_context_len=min(self.max_model_len, CUDA_GRAPH_MAX_CONTEXT))
         self.runner = ModelRunner(self.model, self.kv_caches, cc.block_size, self.device,
-                                  self.sampler, self.kv.block_table_view, cuda_graph=graphs)
+                                  self.sampler, self.kv.block_table_view, cuda_graph=graphs,
+                                  max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+                                  max_num_seqs=config.scheduler.max_num_seqs)
         self.seqs: dict[str, Sequence] = {}
         self.streams: dict[str, TextStream] = {}
         # Overlapped detokenization (see step()): tokens whose text is computed during
@@ -115,6 +118,9 @@ class LLMEngine:
         # Look-ahead (see step()): the launched step whose tokens the next step() reads.
         self.look_ahead = config.look_ahead and config.role != "prefill"
         self._inflight: _Step | None = None
+        # Set while a profiler trace runs (AsyncEngine.start_profile): step() then marks
+        # its phases as named ranges.
+        self.profiling = False
         logger.info("engine ready: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
                     mc.architecture, self.device, self.dtype, self.num_blocks, cc.block_size,
                     self.max_model_len)
@@ -183,23 +189,31 @@ class LLMEngine:
         as soon as they are made, or lead this step's return."""
         cur, self._inflight = self._inflight, None
         if cur is None:
-            sched_out = self.scheduler.schedule()
+            with self._range("pdserve.schedule"):
+                sched_out = self.scheduler.schedule()
             if sched_out.is_empty:
                 self._detokenize_untexted()
                 return self._take_texted()
-            cur = _Step(sched_out, self.runner.launch(sched_out))
+            with self._range("pdserve.launch"):
+                cur = _Step(sched_out, self.runner.launch(sched_out))
         later: SchedulerOutput | None = None
         if self.look_ahead:
             later = self._look_ahead(cur)
         self._detokenize_untexted()
-        sampled = self.runner.resolve(cur.flight)
-        outputs = self._take_texted() + self.update(cur.sched, sampled, cur)
+        with self._range("pdserve.resolve"):
+            sampled = self.runner.resolve(cur.flight)
+        with self._range("pdserve.update"):
+            outputs = self._take_texted() + self.update(cur.sched, sampled, cur)
         if later is not None:
             # cur's tokens may have ended some of its sequences (eos, a stop string)
             later.scheduled = [s for s in later.scheduled if s.seq.status != SeqStatus.FINISHED]
             if later.scheduled:
                 self._inflight = _Step(later, self.runner.launch(later))
         return outputs
+
+    def _range(self, name: str) -> contextlib.AbstractContextManager:
+        """A named range in profiler traces; nothing at all while no profile runs."""
+        return torch.profiler.record_function(name) if self.profiling else contextlib.nullcontext()
 
     def _look_ahead(self, cur: "_Step") -> SchedulerOutput | None:
         """Schedule cur's successor now; launch it unless it needs cur's tokens on the

@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from pdserve.engine.cuda_graph import CudaGraphConfig, CudaGraphRunner
@@ -39,6 +40,16 @@ class StepInputs:
     sampling_seqs: list[Sequence]
 
 
+# Eager steps that carry a prefill chunk run with their token count rounded up to a
+# multiple of this (CUDA, Triton backend). cuBLAS chooses and prepares a kernel for every
+# new GEMM shape the first time it sees it: 0.2 ms to several ms per shape, four shapes
+# a layer, paid by the first prompt of each new length (measured inside the serving
+# actors: 2-4 such GEMMs at 4-7 ms each, most of a short prompt's prefill). With the
+# count bucketed, the runner warms every bucket up once at start (warm_up_gemms).
+# Padding rows compute nothing that is read: slot -1 (the KV write skips them), no
+# sequence's query range covers them, and every other op is row-wise.
+TOKEN_BUCKET = 64
+
 # In a sequence's token list, the slot of a token sampled by a step still in flight
 # (LLMEngine's look-ahead): the next step reads its value on the device, and the engine
 # writes the real id once the step that samples it has been resolved.
@@ -57,7 +68,8 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_caches: list[tuple[Tensor, Tensor]],
                  block_size: int, device: torch.device, sampler: Sampler,
                  block_table_fn: Callable[[str], list[int]],
-                 cuda_graph: CudaGraphConfig | None = None) -> None:
+                 cuda_graph: CudaGraphConfig | None = None,
+                 max_num_batched_tokens: int = 0, max_num_seqs: int = 0) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
@@ -70,7 +82,31 @@ class ModelRunner:
         self.layer_hook: Callable[[int, list[Sequence]], None] | None = None
         self._exporting: list[Sequence] = []
         self._hooks_installed = False
+        ops_name = getattr(self.model.model.layers[0].self_attn.ops, "name", None)
+        self.token_bucket = TOKEN_BUCKET if device.type == "cuda" and ops_name == "triton" else 0
+        if self.token_bucket and max_num_batched_tokens > 0:
+            self.warm_up_gemms(max_num_batched_tokens, max_num_seqs)
         self.graphs = self._make_graphs(cuda_graph or CudaGraphConfig())
+
+    @torch.inference_mode()
+    def warm_up_gemms(self, max_num_batched_tokens: int, max_num_seqs: int) -> None:
+        """Run each distinct GEMM of the model once at every token bucket up to
+        max_num_batched_tokens, and the LM head at every row count up to max_num_seqs,
+        so that no request pays cuBLAS's first call for a new shape (see TOKEN_BUCKET)."""
+        gemms = self.model.layer_gemms()
+        head = self.model.compute_logits
+        top = -(-max_num_batched_tokens // self.token_bucket) * self.token_bucket
+        widths = {w.shape[1] for w, _ in gemms}
+        x = {k: torch.randn(top, k, dtype=gemms[0][0].dtype, device=self.device) for k in widths}
+        for m in range(self.token_bucket, top + 1, self.token_bucket):
+            for w, b in gemms:
+                F.linear(x[w.shape[1]][:m], w, b)
+        hidden = self.model.config.hidden_size
+        h = torch.randn(max(1, max_num_seqs), hidden, dtype=gemms[0][0].dtype, device=self.device)
+        for m in range(1, max(1, max_num_seqs) + 1):
+            head(h[:m])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _make_graphs(self, config: CudaGraphConfig) -> CudaGraphRunner | None:
         """Decode CUDA graphs, captured now, when the device is CUDA and the model's
@@ -142,6 +178,12 @@ class ModelRunner:
             if s.samples:
                 logits_idx.append(qsl[-1] - 1)
                 sampling.append(seq)
+        nseq = len(seq_lens)
+        if self.token_bucket and len(ids) > nseq:   # a prefill chunk: bucket the count
+            pad = -len(ids) % self.token_bucket
+            ids += [0] * pad
+            pos += [0] * pad
+            slots += [-1] * pad
         # All step inputs travel in two host buffers (int64: ids, positions, slots, logits
         # rows; int32: query starts, lengths, block tables) filled through numpy and copied
         # to the device once each: torch.tensor on Python lists cost ~2 ms a step at 128
@@ -149,7 +191,7 @@ class ModelRunner:
         # Every part starts on a 16-byte boundary: Triton specializes kernels on whether
         # each pointer is 16-byte aligned, and parts at arbitrary offsets would make new
         # kernel variants (a JIT compile stall mid-serving) as batch sizes change.
-        nseq, width = len(seq_lens), max(len(t) for t in tables)
+        width = max(len(t) for t in tables)
         parts64 = (ids, pos, slots, logits_idx, from_dst, from_src)
         at64 = _aligned_offsets([len(x) for x in parts64], 2)
         host64_t = self._host_buffer(at64[-1], torch.int64)

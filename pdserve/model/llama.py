@@ -272,6 +272,23 @@ class CausalLM(nn.Module):
         fused = getattr(self.model.layers[0].self_attn.ops, "name", None) == "triton"
         return self.model.norm.add_norm(h, residual, fused)[0]
 
+    def layer_gemms(self) -> list[tuple[Tensor, Tensor | None]]:
+        """(weight, bias) of each GEMM one decoder layer runs, as forward() calls them
+        (every layer has the same shapes): for warming up the BLAS library's per-shape
+        kernel choice before serving."""
+        attn, mlp = self.model.layers[0].self_attn, self.model.layers[0].mlp
+        if attn.qkv_weight is not None:
+            gemms = [(attn.qkv_weight, attn.qkv_bias)]
+        else:
+            gemms = [(lin.weight, lin.bias) for lin in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        gemms.append((attn.o_proj.weight, attn.o_proj.bias))
+        if mlp.gate_up_weight is not None:
+            gemms.append((mlp.gate_up_weight, None))
+        else:
+            gemms += [(mlp.gate_proj.weight, None), (mlp.up_proj.weight, None)]
+        gemms.append((mlp.down_proj.weight, None))
+        return gemms
+
     def compute_logits(self, hidden: Tensor) -> Tensor:
         # hidden: [n, hidden] (usually each sequence's last token) -> [n, vocab] float32
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

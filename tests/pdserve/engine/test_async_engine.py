@@ -70,3 +70,37 @@ def test_dying_step_loop_ends_every_request_with_an_error(engine, monkeypatch):
     # leave the shared engine clean for other tests
     for rid in list(engine.seqs):
         engine.abort(rid)
+
+
+def test_profile_trace_of_the_engine_thread(engine, tmp_path):
+    """start_profile / stop_profile (the workers' profiling calls) write a Chrome trace
+    holding the engine's step phases and the torch ops they ran; a second start while
+    one runs, or a stop with none, is an error, and the engine keeps serving."""
+    import json
+
+    async def run():
+        ae = AsyncEngine(engine)
+        ae.start()
+        try:
+            ids = engine.tokenizer.encode("Count to ten: one, two,")
+            params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+            with pytest.raises(RuntimeError, match="no profile"):
+                await ae.stop_profile()
+            await ae.start_profile(str(tmp_path / "prof"), "decode-0")
+            with pytest.raises(RuntimeError, match="already running"):
+                await ae.start_profile(str(tmp_path / "prof"))
+            assert engine.profiling
+            outs = [o async for o in ae.add_request("p", ids, params)]
+            path = await ae.stop_profile()
+            assert not engine.profiling
+            more = [o async for o in ae.add_request("q", ids, params)]
+            return outs, more, path
+        finally:
+            await ae.stop()
+    outs, more, path = asyncio.run(run())
+    assert outs[-1].finished and more[-1].finished
+    assert path.startswith(str(tmp_path / "prof" / "decode-0-"))
+    names = [e.get("name") for e in json.loads(open(path).read())["traceEvents"]]
+    for phase in ("pdserve.schedule", "pdserve.launch", "pdserve.resolve", "pdserve.update"):
+        assert names.count(phase) >= 3, phase     # one per step: prefill + 2 decode steps
+    assert "aten::embedding" in names
