@@ -50,6 +50,11 @@ class StepInputs:
 # sequence's query range covers them, and every other op is row-wise.
 TOKEN_BUCKET = 64
 
+# With the token bucket on, block tables are as wide as a multiple of this: Triton
+# specializes a kernel on whether each integer argument is divisible by 16, and the
+# table's row stride is one, so a new width could mean a JIT compile (~1 s) mid-serving.
+BLOCK_TABLE_ALIGN = 16
+
 # In a sequence's token list, the slot of a token sampled by a step still in flight
 # (LLMEngine's look-ahead): the next step reads its value on the device, and the engine
 # writes the real id once the step that samples it has been resolved.
@@ -86,6 +91,7 @@ class ModelRunner:
         self.token_bucket = TOKEN_BUCKET if device.type == "cuda" and ops_name == "triton" else 0
         if self.token_bucket and max_num_batched_tokens > 0:
             self.warm_up_gemms(max_num_batched_tokens, max_num_seqs)
+            self.warm_up_prefill()
         self.graphs = self._make_graphs(cuda_graph or CudaGraphConfig())
 
     @torch.inference_mode()
@@ -107,6 +113,27 @@ class ModelRunner:
             head(h[:m])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def warm_up_prefill(self) -> None:
+        """One eager forward of a dummy one-bucket prompt, so that the Triton kernels of
+        a prefill step are compiled (or loaded from Triton's cache) now, not on the first
+        request. It writes no KV (every slot is -1) and reads only block 0."""
+        t, dev = self.token_bucket, self.device
+        blocks = -(-t // self.block_size)
+        width = -(-blocks // BLOCK_TABLE_ALIGN) * BLOCK_TABLE_ALIGN
+        meta = AttentionMetadata(
+            slot_mapping=torch.full((t,), -1, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor([0, t], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([t], dtype=torch.int32, device=dev),
+            block_tables=torch.zeros((1, width), dtype=torch.int32, device=dev),
+            max_query_len=t, max_seq_len=t, query_lens_cpu=[t], seq_lens_cpu=[t])
+        ids = torch.zeros(t, dtype=torch.int64, device=dev)
+        pos = torch.arange(t, dtype=torch.int64, device=dev)
+        hidden = self.model(ids, pos, self.kv_caches, meta)
+        self.model.compute_logits(hidden[-1:])
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     def _make_graphs(self, config: CudaGraphConfig) -> CudaGraphRunner | None:
         """Decode CUDA graphs, captured now, when the device is CUDA and the model's
@@ -192,6 +219,8 @@ class ModelRunner:
         # each pointer is 16-byte aligned, and parts at arbitrary offsets would make new
         # kernel variants (a JIT compile stall mid-serving) as batch sizes change.
         width = max(len(t) for t in tables)
+        if self.token_bucket:
+            width = -(-width // BLOCK_TABLE_ALIGN) * BLOCK_TABLE_ALIGN
         parts64 = (ids, pos, slots, logits_idx, from_dst, from_src)
         at64 = _aligned_offsets([len(x) for x in parts64], 2)
         host64_t = self._host_buffer(at64[-1], torch.int64)

@@ -61,6 +61,9 @@ def test_prepare_pads_prefill_steps_only(default_model_dir):
     assert inp.meta.slot_mapping[21:].tolist() == [-1] * 11     # padding: no KV write
     assert int(inp.meta.query_start_loc[-1]) == 21              # outside every query range
     assert inp.logits_indices.tolist() == [20]
+    # 2 blocks of 16, the table as wide as a multiple of 16 (one Triton specialization)
+    assert inp.meta.block_tables.shape == (1, 16)
+    assert inp.meta.block_tables[0, 2:].tolist() == [0] * 14
     engine.update(sched, runner.execute(sched))
     decode: SchedulerOutput = engine.scheduler.schedule()
     assert all(s.num_new_tokens == 1 for s in decode.scheduled)
@@ -84,3 +87,12 @@ def test_warm_up_runs_every_bucket_shape(default_model_dir):
     assert len(shapes) == 4                  # fused qkv, o, fused gate_up, down
     for m in (16, 32, 48):                   # 40 rounded up to the bucket
         assert {shape for mm, shape in calls if mm == m} == shapes
+
+
+def test_warm_up_forward_writes_no_kv(default_model_dir):
+    engine = _engine(default_model_dir, 16)
+    engine.kv_caches[0][0][0].fill_(0.5)           # block 0: the one the dummy reads
+    before = [k.clone() for k, _ in engine.kv_caches[:2]]
+    engine.runner.warm_up_prefill()
+    for b, (k, _v) in zip(before, engine.kv_caches[:2]):
+        assert torch.equal(b, k)
