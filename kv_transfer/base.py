@@ -71,6 +71,9 @@ class KVSendHandle(abc.ABC):
 class KVTransport(abc.ABC):
     """P-side factory of send handles for one transport kind."""
     name: str
+    # True: P sends each layer's KV as soon as the layer has written it, so the transfer
+    # overlaps the rest of the forward pass. False: one send of every layer after it.
+    layerwise: bool = True
 
     @abc.abstractmethod
     def open(self, reservation: worker_pb2.Reservation, request_id: str,

@@ -78,6 +78,7 @@ class FaultyTransport(KVTransport):
     def __init__(self, inner: KVTransport, plan: FaultPlan) -> None:
         self.inner, self.plan = inner, plan
         self.name = getattr(inner, "name", "faulty")
+        self.layerwise = getattr(inner, "layerwise", True)
 
     def open(self, reservation: worker_pb2.Reservation, request_id: str,
              attempt_id: int) -> KVSendHandle:

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from kv_transfer.base import KVSendHandle, KVTransport, SendSummary, TransferError, register
+from kv_transfer.layout import single_buffer
 from pdserve.v1 import kv_pb2, worker_pb2
 
 if TYPE_CHECKING:
@@ -70,19 +71,6 @@ def _gpu_uuid(index: int) -> str:
     return str(torch.cuda.get_device_properties(index).uuid)
 
 
-def _single_buffer(kv_caches: Sequence[tuple[Tensor, Tensor]]) -> Tensor | None:
-    """The [L, 2, N, bs, Hkv, D] buffer every (k, v) is a view of, or None."""
-    base = kv_caches[0][0]._base
-    if base is None or base.dim() != 6 or tuple(base.shape[:2]) != (len(kv_caches), 2):
-        return None
-    for layer, kv in enumerate(kv_caches):
-        for i, t in enumerate(kv):
-            view = base[layer, i]
-            if t.data_ptr() != view.data_ptr() or t.shape != view.shape or t.stride() != view.stride():
-                return None
-    return base
-
-
 def _describe(t: Tensor) -> dict[str, Any]:
     from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
     fn, args = reduce_tensor(t)
@@ -103,7 +91,7 @@ def export_cache_handles(kv_caches: Sequence[tuple[Tensor, Tensor]]) -> bytes:
     ref count, so call it once per P). D keeps the caches alive while P uses them."""
     if not kv_caches:
         raise ValueError("no KV caches to export")
-    base = _single_buffer(kv_caches)
+    base = single_buffer(kv_caches)
     tensors = [base] if base is not None else [t for kv in kv_caches for t in kv]
     doc = {"format": IPC_FORMAT, "gpu_uuid": _gpu_uuid(tensors[0].device.index or 0),
            "num_layers": len(kv_caches), "single_buffer": base is not None,
@@ -248,6 +236,10 @@ class IpcTransport(KVTransport):
     with a Ray call) or, lazily, from `fetch_handles(reservation)`; the cache is opened
     once per decode worker id and kept until close()."""
     name = "ipc"
+    # A device copy of a whole prompt's KV takes microseconds: P sends it once, after
+    # the forward pass, rather than one chunk per layer (16-32 gathers and copies whose
+    # host launches would lengthen the prefill step itself).
+    layerwise = False
 
     def __init__(self, control: ControlChannel | None = None, *,
                  fetch_handles: Callable[[worker_pb2.Reservation], bytes] | None = None) -> None:

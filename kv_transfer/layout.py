@@ -129,18 +129,34 @@ def block_index(block_ids: Sequence[int] | Tensor, device: torch.device) -> Tens
     return idx if device.type == "cpu" else idx.to(device, non_blocking=True)
 
 
+def single_buffer(kv_caches: Sequence[tuple[Tensor, Tensor]]) -> Tensor | None:
+    """The [L, 2, N, bs, Hkv, D] buffer every (k, v) is a view of, or None."""
+    base = kv_caches[0][0]._base
+    if base is None or base.dim() != 6 or tuple(base.shape[:2]) != (len(kv_caches), 2):
+        return None
+    for layer, kv in enumerate(kv_caches):
+        for i, t in enumerate(kv):
+            view = base[layer, i]
+            if t.data_ptr() != view.data_ptr() or t.shape != view.shape or t.stride() != view.stride():
+                return None
+    return base
+
+
 def _check_range(kv_caches: Sequence[tuple[Tensor, Tensor]], layer_start: int, layer_end: int) -> None:
     if not 0 <= layer_start < layer_end <= len(kv_caches):
         raise ValueError(f"bad layer range [{layer_start}, {layer_end}) for {len(kv_caches)} layers")
 
 
 def gather_blocks(kv_caches: Sequence[tuple[Tensor, Tensor]], layer_start: int, layer_end: int,
-                  block_ids: Sequence[int] | Tensor) -> Tensor:
+                  block_ids: Sequence[int] | Tensor, base: Tensor | None = None) -> Tensor:
     """Copy the KV of layers [layer_start, layer_end) for `block_ids` (in that order) into
-    a new contiguous payload [layers, 2, blocks, bs, Hkv, D] on the caches' device."""
+    a new contiguous payload [layers, 2, blocks, bs, Hkv, D] on the caches' device.
+    `base`: the caches' single buffer (single_buffer(kv_caches)), if the caller has it."""
     _check_range(kv_caches, layer_start, layer_end)
     k0 = kv_caches[0][0]
     idx = block_index(block_ids, k0.device)
+    if base is not None:   # one gather over the layer range, not two per layer
+        return base[layer_start:layer_end].index_select(2, idx)
     out = torch.empty((layer_end - layer_start, 2, idx.numel(), *k0.shape[1:]),
                       dtype=k0.dtype, device=k0.device)
     for i, layer in enumerate(range(layer_start, layer_end)):

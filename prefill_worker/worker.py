@@ -32,7 +32,7 @@ from pdserve.protocol import sampling_params_from_proto
 from pdserve.v1 import generation_pb2, kv_pb2, worker_pb2
 from pdserve.worker_spec import WorkerSpec
 from kv_transfer.base import KVSendHandle, TRANSPORTS, TransferError
-from kv_transfer.layout import KVLayout, block_index, gather_blocks
+from kv_transfer.layout import KVLayout, block_index, gather_blocks, single_buffer
 from torch import Tensor
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ class PrefillWorker:
         # key -> (send handle, number of prompt blocks); read by the engine thread's hook
         self.exports: dict[str, tuple[KVSendHandle, int]] = {}
         self._export_index: dict[str, Tensor] = {}   # engine thread only: see _on_layer
+        self._kv_base = single_buffer(self.engine.kv_caches)   # one gather per send
+        self._last_layer = mc.num_hidden_layers - 1
+        self._layerwise = True                       # set from the transport in _start
         self.first: dict[str, asyncio.Future] = {}
         self.draining = False
         self.fault_plan = None
@@ -83,6 +86,7 @@ class PrefillWorker:
             await asyncio.to_thread(dist.init_kv_group, d.backend, d.init_method,
                                     d.world_size, d.rank)
         self.transport = self._make_transport(local_receivers)
+        self._layerwise = getattr(self.transport, "layerwise", True)
         self.fault_plan = None
         if self.spec.faults:
             from kv_transfer.faults import FaultPlan, FaultyTransport
@@ -145,6 +149,11 @@ class PrefillWorker:
     def _on_layer(self, layer: int, seqs: list[Sequence]) -> None:
         if layer == 0:   # a new forward pass: last pass's indexes are stale
             self._export_index = {}
+        # Layer-wise transports send each layer now; the others (ipc) every layer at once
+        # after the last one.
+        if not self._layerwise and layer != self._last_layer:
+            return
+        first = layer if self._layerwise else 0
         for seq in seqs:
             exp = self.exports.get(seq.seq_id)
             if exp is None:
@@ -157,8 +166,8 @@ class PrefillWorker:
                 idx = block_index(self.engine.kv.block_table(seq.seq_id)[:nblocks], self.engine.device)
                 self._export_index[seq.seq_id] = idx
             try:
-                handle.send(layer, layer + 1,
-                            gather_blocks(self.engine.kv_caches, layer, layer + 1, idx))
+                handle.send(first, layer + 1, gather_blocks(self.engine.kv_caches, first, layer + 1,
+                                                           idx, self._kv_base))
             except TransferError as e:
                 # The attempt failed (D rejected a chunk, or it was aborted): finish()
                 # reports it; the engine keeps going for everyone else.

@@ -170,3 +170,43 @@ def test_abort_at_each_phase_frees_both_sides(workers, loop, phase):
     assert len(d.table) == 0 and not d.res_ids
     # drain D's outbox for the next test
     loop.run_until_complete(d.poll(ROUTER, 0.05))
+
+
+def test_whole_prompt_send_for_a_transport_that_is_not_layerwise(workers, loop, default_model_dir):
+    """A transport with layerwise = False (ipc: a device copy) gets one send of every
+    layer after the forward pass, and D decodes from it exactly as from per-layer chunks."""
+    p, d = workers
+    ids = prompt(p.engine.tokenizer)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    sends: list[tuple[int, int]] = []
+    real_open = p.transport.open
+
+    def open_spy(*args, **kwargs):
+        handle = real_open(*args, **kwargs)
+        real_send = handle.send
+
+        def send(start, end, kv):
+            sends.append((start, end))
+            return real_send(start, end, kv)
+        handle.send = send
+        return handle
+
+    async def run():
+        res = await reserve(d, "whole", 1, ids, params)
+        task = worker_pb2.PrefillTask(request_id="whole", attempt_id=1, prompt_token_ids=ids,
+                                      sampling=sampling_params_to_proto(params), reservation=res)
+        reply = worker_pb2.PrefillReply.FromString(await p.prefill(task.SerializeToString()))
+        assert reply.code == worker_pb2.WORKER_ERROR_NONE, reply.error
+        return reply, await collect(d, "whole")
+
+    p._layerwise, p.transport.open = False, open_spy
+    try:
+        reply, (out, finish) = loop.run_until_complete(run())
+    finally:
+        p._layerwise, p.transport.open = True, real_open
+    layers = p.engine.model_config.num_hidden_layers
+    assert sends == [(0, layers)]
+    assert reply.record.num_chunks >= 1 and reply.record.kv_bytes > 0
+    assert finish == generation_pb2.FINISH_REASON_LENGTH
+    assert out == LLMRef.get(default_model_dir).generate([ids], params)[0].token_ids
+    assert loop.run_until_complete(settle(p, d)) == [0, 0]
