@@ -308,9 +308,10 @@ class DecodeWorker:
         def activate(e: LLMEngine) -> None:
             aengine.publish([e.activate(key, record.first_token_id, first_lp)])
             self.loop.call_soon_threadsafe(self._forget_reservation, key)
-        fut = asyncio.run_coroutine_threadsafe(aengine.call(activate), self.loop)
         try:
-            fut.result(timeout=10)
+            # Straight to the engine thread (no hop through the event loop, which may be
+            # waiting for the GIL): this ack is on every disaggregated request's TTFT path.
+            aengine.call_from_thread(activate, timeout=10)
         except Exception as e:  # noqa: BLE001 - reported to P as the ack
             return kv_pb2.CompleteAck(ok=False, code=kv_pb2.KV_STATUS_UNKNOWN_RESERVATION,
                                       error=f"activation failed: {e}")

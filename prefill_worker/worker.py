@@ -31,7 +31,7 @@ from pdserve.engine.sequence import Sequence
 from pdserve.protocol import sampling_params_from_proto
 from pdserve.v1 import generation_pb2, kv_pb2, worker_pb2
 from pdserve.worker_spec import WorkerSpec
-from kv_transfer.base import KVSendHandle, TRANSPORTS, TransferError
+from kv_transfer.base import KVSendHandle, SendSummary, TRANSPORTS, TransferError
 from kv_transfer.layout import KVLayout, block_index, gather_blocks, single_buffer
 from torch import Tensor
 
@@ -237,20 +237,14 @@ class PrefillWorker:
             await self._gate("first_token", key)
             tmo = self._remaining(task, self.spec.transfer_timeout_s)
             try:
-                summary = await asyncio.to_thread(handle.finish, tmo)
-                await self._gate("kv_sent", key)
-                record = worker_pb2.CompletionRecord(
-                    request_id=task.request_id, attempt_id=task.attempt_id,
-                    reservation_id=res.reservation_id, first_token_id=out.new_token_ids[0],
-                    num_prompt_tokens=len(prompt), num_cached_tokens=out.num_cached_tokens,
-                    kv_checksum=summary.checksum, num_chunks=summary.num_chunks,
-                    kv_bytes=summary.num_bytes, prefill_worker_id=self.spec.worker_id)
-                if out.new_logprobs:
-                    lp = out.new_logprobs[0]
-                    record.first_token_logprob = lp.logprob
-                    record.first_top_logprobs.extend(
-                        generation_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top)
-                ack = await asyncio.to_thread(self.transport.complete, res, record, tmo)
+                if self.gate is None:
+                    # One thread hop for the rest of the hand-off (it is on TTFT's path).
+                    record, ack = await asyncio.to_thread(self._hand_off, handle, task, out, tmo)
+                else:   # tests and drills: a gate between the last chunk and Complete
+                    summary = await asyncio.to_thread(handle.finish, tmo)
+                    await self._gate("kv_sent", key)
+                    record = self._record(task, out, summary)
+                    ack = await asyncio.to_thread(self.transport.complete, res, record, tmo)
             except TransferError as e:
                 return _reply(worker_pb2.WORKER_ERROR_TRANSFER, f"KV transfer failed: {e}")
             if not ack.ok:
@@ -264,6 +258,27 @@ class PrefillWorker:
         finally:
             self.first.pop(key, None)
             self.exports.pop(key, None)
+
+    def _record(self, task: worker_pb2.PrefillTask, out: RequestOutput,
+                summary: SendSummary) -> worker_pb2.CompletionRecord:
+        record = worker_pb2.CompletionRecord(
+            request_id=task.request_id, attempt_id=task.attempt_id,
+            reservation_id=task.reservation.reservation_id, first_token_id=out.new_token_ids[0],
+            num_prompt_tokens=len(task.prompt_token_ids), num_cached_tokens=out.num_cached_tokens,
+            kv_checksum=summary.checksum, num_chunks=summary.num_chunks,
+            kv_bytes=summary.num_bytes, prefill_worker_id=self.spec.worker_id)
+        if out.new_logprobs:
+            lp = out.new_logprobs[0]
+            record.first_token_logprob = lp.logprob
+            record.first_top_logprobs.extend(
+                generation_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top)
+        return record
+
+    def _hand_off(self, handle: KVSendHandle, task: worker_pb2.PrefillTask, out: RequestOutput,
+                  timeout: float) -> tuple[worker_pb2.CompletionRecord, kv_pb2.CompleteAck]:
+        """On a worker thread: wait for the last chunk, then send the completion record."""
+        record = self._record(task, out, handle.finish(timeout))
+        return record, self.transport.complete(task.reservation, record, timeout)
 
     async def _attach_ipc(self, decode_worker_id: str) -> None:
         """ipc: open D's KV cache the first time one of its reservations arrives. D is the

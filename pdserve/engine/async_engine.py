@@ -13,6 +13,7 @@ exits so that Ray restarts it): an engine never dies silently with requests hang
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -133,6 +134,23 @@ class AsyncEngine:
                 self._loop.call_soon_threadsafe(_set_res, fut, res)
         self._submit(cmd)
         return await fut
+
+    def call_from_thread(self, fn: Callable[[LLMEngine], Any], timeout: float) -> Any:
+        """call() for a thread that is neither the loop's nor the engine's (a gRPC
+        handler): fn(engine) runs on the engine thread between steps while this thread
+        waits, with no hop through the event loop. TimeoutError if it has not run in
+        `timeout` seconds."""
+        if self.dead is not None:
+            raise EngineDeadError(f"engine loop died: {self.dead}")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def cmd() -> None:
+            try:
+                done.set_result(fn(self.engine))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                done.set_exception(e)
+        self._submit(cmd)
+        return done.result(timeout)
 
     async def start_profile(self, out_dir: str, name: str = "engine") -> None:
         """Start a torch.profiler trace of the engine thread (see pdserve.profiling)."""

@@ -104,3 +104,28 @@ def test_profile_trace_of_the_engine_thread(engine, tmp_path):
     for phase in ("pdserve.schedule", "pdserve.launch", "pdserve.resolve", "pdserve.update"):
         assert names.count(phase) >= 3, phase     # one per step: prefill + 2 decode steps
     assert "aten::embedding" in names
+
+
+def test_call_from_thread_runs_on_the_engine_thread(engine):
+    """A gRPC handler thread runs fn(engine) between steps without the event loop (the
+    decode worker's KV Complete); fn's exception reaches the caller."""
+    import threading
+
+    async def run():
+        ae = AsyncEngine(engine)
+        ae.start()
+        try:
+            seen = {}
+
+            def handler() -> None:
+                seen["result"] = ae.call_from_thread(
+                    lambda e: (threading.current_thread().name, e.pool.stats().in_use), 5.0)
+                try:
+                    ae.call_from_thread(lambda e: 1 / 0, 5.0)
+                except ZeroDivisionError:
+                    seen["raised"] = True
+            await asyncio.to_thread(handler)
+            return seen
+        finally:
+            await ae.stop()
+    assert asyncio.run(run()) == {"result": ("pdserve-engine", 0), "raised": True}
