@@ -57,7 +57,6 @@ class PrefillWorker:
         self.exports: dict[str, tuple[KVSendHandle, int]] = {}
         self._export_index: dict[str, Tensor] = {}   # engine thread only: see _on_layer
         self._kv_base = single_buffer(self.engine.kv_caches)   # one gather per send
-        self._last_layer = mc.num_hidden_layers - 1
         self._layerwise = True                       # set from the transport in _start
         self.first: dict[str, asyncio.Future] = {}
         self.draining = False
@@ -86,7 +85,7 @@ class PrefillWorker:
             await asyncio.to_thread(dist.init_kv_group, d.backend, d.init_method,
                                     d.world_size, d.rank)
         self.transport = self._make_transport(local_receivers)
-        self._layerwise = getattr(self.transport, "layerwise", True)
+        self.set_layerwise(getattr(self.transport, "layerwise", True))
         self.fault_plan = None
         if self.spec.faults:
             from kv_transfer.faults import FaultPlan, FaultyTransport
@@ -107,6 +106,12 @@ class PrefillWorker:
             num_blocks=self.engine.num_blocks, max_model_len=self.engine.max_model_len,
             model_name=self.spec.model_name, dist_rank=max(self.spec.dist.rank, 0),
             pid=os.getpid(), metrics_endpoint=metrics_endpoint)
+
+    def set_layerwise(self, layerwise: bool) -> None:
+        """Whether the transport takes the KV layer by layer during the forward pass, or
+        the whole prompt's after it (which lets the step replay a prefill CUDA graph)."""
+        self._layerwise = layerwise
+        self.engine.runner.set_layer_hook(self._on_layer, every_layer=layerwise)
 
     def _make_transport(self, local_receivers: dict | None):
         name = self.spec.transport
@@ -149,10 +154,8 @@ class PrefillWorker:
     def _on_layer(self, layer: int, seqs: list[Sequence]) -> None:
         if layer == 0:   # a new forward pass: last pass's indexes are stale
             self._export_index = {}
-        # Layer-wise transports send each layer now; the others (ipc) every layer at once
-        # after the last one.
-        if not self._layerwise and layer != self._last_layer:
-            return
+        # Layer-wise transports get each layer as it is written; the others (ipc) every
+        # layer at once, after the forward pass (runner.set_layer_hook(every_layer=False)).
         first = layer if self._layerwise else 0
         for seq in seqs:
             exp = self.exports.get(seq.seq_id)

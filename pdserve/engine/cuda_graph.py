@@ -61,6 +61,9 @@ class CudaGraphConfig:
     # Longest context a graph serves: fixes the captured block-table width and, through
     # it, each bucket's split-KV count. Longer sequences' steps run eagerly.
     max_context_len: int = 8192
+    # One-prompt prefill steps of up to this many tokens replay a graph too
+    # (pdserve/engine/prefill_graph.py); 0: none. Needs the Triton backend's token buckets.
+    prefill_max_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pdserve.engine.cuda_graph import CudaGraphConfig, CudaGraphRunner
+from pdserve.engine.prefill_graph import PrefillGraphRunner
 from pdserve.engine.scheduler import SchedulerOutput
 from pdserve.engine.sequence import Sequence
 from pdserve.kernels.metadata import AttentionMetadata
@@ -85,6 +86,8 @@ class ModelRunner:
         # written its K/V, for the sequences whose prompt completes this step, so their
         # KV streams out while later layers still compute (layer-wise pipelining).
         self.layer_hook: Callable[[int, list[Sequence]], None] | None = None
+        self._hook_every_layer = True
+        self._last_layer = len(self.model.model.layers) - 1
         self._exporting: list[Sequence] = []
         self._hooks_installed = False
         ops_name = getattr(self.model.model.layers[0].self_attn.ops, "name", None)
@@ -92,7 +95,16 @@ class ModelRunner:
         if self.token_bucket and max_num_batched_tokens > 0:
             self.warm_up_gemms(max_num_batched_tokens, max_num_seqs)
             self.warm_up_prefill()
-        self.graphs = self._make_graphs(cuda_graph or CudaGraphConfig())
+        config = cuda_graph or CudaGraphConfig()
+        self.graphs = self._make_graphs(config)
+        self.prefill_graphs: PrefillGraphRunner | None = None
+        if self.token_bucket and config.prefill_max_tokens >= self.token_bucket:
+            max_tokens = config.prefill_max_tokens // self.token_bucket * self.token_bucket
+            self.prefill_graphs = PrefillGraphRunner(
+                self.model, self.kv_caches, self.block_size, self.token_bucket, max_tokens,
+                min(config.max_context_len, self.kv_caches[0][0].shape[0] * self.block_size),
+                BLOCK_TABLE_ALIGN)
+            self.prefill_graphs.capture()
 
     @torch.inference_mode()
     def warm_up_gemms(self, max_num_batched_tokens: int, max_num_seqs: int) -> None:
@@ -152,9 +164,14 @@ class ModelRunner:
         graphs.capture()
         return graphs
 
-    def set_layer_hook(self, hook: Callable[[int, list[Sequence]], None]) -> None:
+    def set_layer_hook(self, hook: Callable[[int, list[Sequence]], None],
+                       every_layer: bool = True) -> None:
+        """every_layer: hook(layer, seqs) right after each layer (the forward runs eagerly
+        then); False: one hook(last_layer, seqs) after the whole forward pass, which may
+        then replay a prefill graph."""
         self.layer_hook = hook
-        if not self._hooks_installed:
+        self._hook_every_layer = every_layer
+        if every_layer and not self._hooks_installed:
             for idx, layer in enumerate(self.model.model.layers):
                 layer.register_forward_hook(self._make_hook(idx))
             self._hooks_installed = True
@@ -304,16 +321,26 @@ class ModelRunner:
         """Runs the step (writing its KV); logits [S, V] float32 of the sampling rows."""
         exporting = [s for s in inp.sampling_seqs if s.prefill_only]
         # Graph replay runs no Python per layer, so steps that stream KV out layer by
-        # layer (prefill role) stay eager.
-        if (self.graphs is not None and not exporting
-                and self.graphs.can_run(inp.meta, inp.input_ids.shape[0])):
+        # layer (prefill role, layer-wise transports) stay eager.
+        per_layer = bool(exporting) and self._hook_every_layer
+        after = exporting if exporting and not per_layer and self.layer_hook is not None else []
+        n = inp.input_ids.shape[0]
+        if self.graphs is not None and not exporting and self.graphs.can_run(inp.meta, n):
             return self.graphs.replay(inp.input_ids, inp.positions, inp.meta)[inp.logits_indices]
-        self._exporting = exporting
-        try:
-            hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
-        finally:
-            self._exporting = []
-        return self.model.compute_logits(hidden[inp.logits_indices])
+        if (self.prefill_graphs is not None and not per_layer
+                and self.prefill_graphs.can_run(inp.meta, n)):
+            logits = self.prefill_graphs.replay(inp.input_ids, inp.positions, inp.meta,
+                                                inp.logits_indices)
+        else:
+            self._exporting = exporting if per_layer else []
+            try:
+                hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
+            finally:
+                self._exporting = []
+            logits = self.model.compute_logits(hidden[inp.logits_indices])
+        if after:   # the whole prompt's KV, queued after the forward pass on this stream
+            self.layer_hook(self._last_layer, after)
+        return logits
 
 
 def _aligned_offsets(sizes: list[int], unit: int) -> list[int]:

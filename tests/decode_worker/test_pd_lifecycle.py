@@ -199,11 +199,13 @@ def test_whole_prompt_send_for_a_transport_that_is_not_layerwise(workers, loop, 
         assert reply.code == worker_pb2.WORKER_ERROR_NONE, reply.error
         return reply, await collect(d, "whole")
 
-    p._layerwise, p.transport.open = False, open_spy
+    p.set_layerwise(False)
+    p.transport.open = open_spy
     try:
         reply, (out, finish) = loop.run_until_complete(run())
     finally:
-        p._layerwise, p.transport.open = True, real_open
+        p.set_layerwise(True)
+        p.transport.open = real_open
     layers = p.engine.model_config.num_hidden_layers
     assert sends == [(0, layers)]
     assert reply.record.num_chunks >= 1 and reply.record.kv_bytes > 0

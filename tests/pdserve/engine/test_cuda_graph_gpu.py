@@ -195,3 +195,70 @@ def test_model_runner_replays_decode_steps_only() -> None:
     for chunks in plan:
         assert step(graph, graph_seqs, chunks) == step(eager, eager_seqs, chunks), chunks
     assert graph.graphs.num_replays == 3 + 1 + 2
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("whole_prompt_hook", [False, True])
+def test_model_runner_replays_one_prompt_prefill_steps(whole_prompt_hook: bool) -> None:
+    """Prefill graphs (pdserve/engine/prefill_graph.py): a step of one sequence whose
+    chunk fits the largest bucket replays a graph, a prefix in the cache included (a
+    chunk after the first); steps of several sequences stay eager. Greedy fp32 tokens
+    equal the eager runner's, and so does the KV the replays wrote. A whole-prompt hook
+    (a prefill worker on a transport that is not layer-wise) runs once after the step."""
+    from pdserve.engine.runner import ModelRunner
+    from pdserve.engine.scheduler import ScheduledSeq, SchedulerOutput
+    from pdserve.engine.sequence import Sequence
+    from pdserve.model.llama import allocate_kv_caches
+    from pdserve.sampling.params import SamplingParams
+    from pdserve.sampling.sampler import Sampler
+
+    model = _tiny_model(torch.float32)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (5, 64, 70, 150, 30)]
+    tables = {f"s{i}": list(range(i * 30, i * 30 + 30)) for i in range(len(prompts))}
+    params = SamplingParams(temperature=0.0, max_tokens=64)
+    hooked: list[tuple[int, list[str]]] = []
+
+    def make(prefill_graphs: bool):
+        kv = allocate_kv_caches(model.config, 160, PAGE, torch.float32, "cuda")
+        runner = ModelRunner(model, kv, PAGE, torch.device("cuda"), Sampler([], seed=0),
+                             tables.__getitem__,
+                             CudaGraphConfig(max_batch_size=4, max_context_len=240,
+                                             prefill_max_tokens=128 if prefill_graphs else 0))
+        seqs = [Sequence(f"s{i}", p, params) for i, p in enumerate(prompts)]
+        return runner, seqs, kv
+
+    def step(runner, seqs, chunks: list[tuple[int, int]]) -> list[int]:
+        out = SchedulerOutput([ScheduledSeq(seqs[i], n) for i, n in chunks], [])
+        sampled = runner.execute(out)
+        for i, n in chunks:
+            seqs[i].num_computed_tokens += n
+        for seq, res in sampled:
+            seq.tokens.append(res.token_id)
+        return [res.token_id for _, res in sampled]
+
+    plan = ([[(0, 5)], [(1, 64)], [(2, 70)]]          # one prompt: 64, 64 and 128 buckets
+            + [[(3, 100)], [(3, 50)]]                 # chunked: the second over a prefix
+            + [[(0, 1), (1, 1), (2, 1), (3, 1)]]      # decode graph
+            + [[(4, 20), (0, 1)], [(4, 10)]]          # mixed (eager), then a prefix chunk
+            + [[(0, 1), (2, 1), (3, 1), (4, 1)]] * 2)
+    eager, eager_seqs, kv_eager = make(False)
+    graph, graph_seqs, kv_graph = make(True)
+    assert eager.prefill_graphs is None and sorted(graph.prefill_graphs.graphs) == [64, 128]
+    if whole_prompt_hook:
+        graph.set_layer_hook(lambda layer, seqs: hooked.append((layer, [s.seq_id for s in seqs])),
+                             every_layer=False)
+        eager.set_layer_hook(lambda layer, seqs: None, every_layer=False)
+    for chunks in plan:
+        # s1's prefill step exports it (a prefill worker's request ends there)
+        export = whole_prompt_hook and chunks == [(1, 64)]
+        graph_seqs[1].prefill_only = eager_seqs[1].prefill_only = export
+        assert step(graph, graph_seqs, chunks) == step(eager, eager_seqs, chunks), chunks
+    graph_seqs[1].prefill_only = eager_seqs[1].prefill_only = False
+    assert graph.prefill_graphs.num_replays == 6
+    for (kg, vg), (ke, ve) in zip(kv_graph, kv_eager):
+        torch.testing.assert_close(kg, ke, **TOL[torch.float32])
+        torch.testing.assert_close(vg, ve, **TOL[torch.float32])
+    if whole_prompt_hook:
+        assert hooked == [(model.config.num_hidden_layers - 1, ["s1"])]
