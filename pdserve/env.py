@@ -49,6 +49,9 @@ VARS: dict[str, _Var] = {
         _Var("PDSERVE_NO_PROGRESS", False, _bool, "hide progress bars"),
         _Var("PDSERVE_LOG_LEVEL", "INFO", str, "logging level for pdserve loggers"),
         _Var("PDSERVE_ENFORCE_EAGER", False, _bool, "never capture CUDA graphs"),
+        _Var("PDSERVE_PREFILL_GRAPH_MAX_TOKENS", 1024, int,
+             "CUDA: one-prompt prefill steps of up to this many tokens replay a CUDA graph "
+             "(one per 64-token bucket, captured at start); 0 runs them eagerly"),
         _Var("PDSERVE_TUNE_MALLOC", True, _bool,
              "glibc: keep buffers up to 16 MiB on the heap in processes that stream KV over "
              "gRPC (no page faults per chunk); 0 leaves malloc's defaults"),
@@ -78,6 +81,10 @@ def no_progress() -> bool:
 
 def enforce_eager() -> bool:
     return bool(get("PDSERVE_ENFORCE_EAGER"))
+
+
+def prefill_graph_max_tokens() -> int:
+    return int(get("PDSERVE_PREFILL_GRAPH_MAX_TOKENS"))
 
 
 def tune_malloc() -> bool:

@@ -32,10 +32,6 @@ logger = logging.getLogger(__name__)
 # sequences' steps run eagerly.
 CUDA_GRAPH_MAX_CONTEXT = 16384
 
-# One-prompt prefill steps up to this many tokens replay a CUDA graph (prefill_graph.py):
-# below it an eager step is bound by host launches, above it by the GPU.
-PREFILL_GRAPH_MAX_TOKENS = 1024
-
 # Detokenizing while the next step runs pays where the device computes asynchronously
 # and the batch is large enough for text work to show (~5-10 us a sequence).
 OVERLAP_DETOKENIZE_MIN_SEQS = 8
@@ -106,7 +102,7 @@ class LLMEngine:
             max_batch_size=config.scheduler.max_num_seqs,
             max_context_len=min(self.max_model_len, CUDA_GRAPH_MAX_CONTEXT),
             prefill_max_tokens=0 if env.enforce_eager() else min(
-                PREFILL_GRAPH_MAX_TOKENS, config.scheduler.max_num_batched_tokens))
+                env.prefill_graph_max_tokens(), config.scheduler.max_num_batched_tokens))
         self.runner = ModelRunner(self.model, self.kv_caches, cc.block_size, self.device,
                                   self.sampler, self.kv.block_table_view, cuda_graph=graphs,
                                   max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
