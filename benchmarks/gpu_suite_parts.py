@@ -664,14 +664,14 @@ def ttft_phases(router: Any, request_ids: set[str]) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in legs.items()}
 
 
-async def _serve_mode(s: Any, path: Path, mode: str) -> dict:
-    import ray
+async def deploy_part_f(s: Any, path: Path, mode: str) -> tuple[Any, str]:
+    """Part f's deployment of `mode` on Ray: (Deployment, transport)."""
     from pdserve.cluster import deploy_ray
     from pdserve.worker_spec import WorkerSpec
     from router.core import RouterConfig
     sh, dev = s.shapes, s.dev
     transport = "ipc" if mode == "disaggregated" and dev.type == "cuda" else "grpc"
-    n, prompt, output = sh.serve
+    _, prompt, output = sh.serve
     base = WorkerSpec(worker_id="", role="both", model=str(path),
                       dtype=str(sh.dtype).removeprefix("torch."), device=dev.type,
                       kv_cache_gb=max(sh.engine_kv_gb / 2, 0.01), enable_prefix_caching=False,
@@ -681,6 +681,14 @@ async def _serve_mode(s: Any, path: Path, mode: str) -> dict:
                       max_model_len=prompt[1] + output[1] + 16)
     dep = await deploy_ray(base, 1 if mode == "disaggregated" else 0, 1, rc, cpus_per_worker=1,
                            gpus_per_worker=0.5 if dev.type == "cuda" else 0.0)
+    return dep, transport
+
+
+async def _serve_mode(s: Any, path: Path, mode: str) -> dict:
+    import ray
+    sh = s.shapes
+    n, prompt, output = sh.serve
+    dep, transport = await deploy_part_f(s, path, mode)
     try:
         warm = make_requests(8, prompt, (8, 8), sh.token_range, seed=99)
         await _load(dep.router, warm[:1], 100.0, 0)       # ipc attach, Triton compiles

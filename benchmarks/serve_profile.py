@@ -84,21 +84,9 @@ def summarize(trace_path: str) -> list[dict]:
 async def _mode(s, path: Path, mode: str, n: int, out_dir: Path) -> dict:
     import ray
     import gpu_suite_parts as parts
-    from pdserve.cluster import deploy_ray
-    from pdserve.worker_spec import WorkerSpec
-    from router.core import RouterConfig
-    sh, dev = s.shapes, s.dev
-    transport = "ipc" if mode == "disaggregated" and dev.type == "cuda" else "grpc"
-    _, prompt, output = sh.serve
-    base = WorkerSpec(worker_id="", role="both", model=str(path),
-                      dtype=str(sh.dtype).removeprefix("torch."), device=dev.type,
-                      kv_cache_gb=max(sh.engine_kv_gb / 2, 0.01), enable_prefix_caching=False,
-                      max_num_seqs=64, max_num_batched_tokens=sh.max_batched_tokens // 2,
-                      max_model_len=prompt[1] + output[1] + 16, transport=transport)
-    rc = RouterConfig(mode=mode, max_inflight=1024, transport=transport, lease_ms=120_000,
-                      max_model_len=prompt[1] + output[1] + 16)
-    dep = await deploy_ray(base, 1 if mode == "disaggregated" else 0, 1, rc, cpus_per_worker=1,
-                           gpus_per_worker=0.5 if dev.type == "cuda" else 0.0)
+    sh = s.shapes
+    _, prompt, _ = sh.serve
+    dep, _ = await parts.deploy_part_f(s, path, mode)
     actors = {**dep.prefill, **dep.decode}
     try:
         warm = parts.make_requests(8, prompt, (8, 8), sh.token_range, seed=99)

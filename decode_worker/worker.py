@@ -20,6 +20,7 @@ import os
 import time
 
 from pdserve.engine.async_engine import AsyncEngine
+from pdserve.profiling import ProfiledWorker
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput, TokenLogprob
 from pdserve.outputs import Outbox, to_decode_output
 from pdserve.protocol import sampling_params_from_proto
@@ -47,7 +48,7 @@ def node_ip() -> str:
     return "127.0.0.1"
 
 
-class DecodeWorker:
+class DecodeWorker(ProfiledWorker):
     def __init__(self, spec_json: str) -> None:
         self.spec = WorkerSpec.from_json(spec_json)
         self.engine = LLMEngine(self.spec.engine_config())
@@ -260,16 +261,6 @@ class DecodeWorker:
             kv_blocks_free=int(st["kv_blocks_free"] + st["kv_blocks_cached"]),
             kv_usage=float(st["kv_cache_usage"]), draining=self.draining,
             timestamp_unix_ms=int(time.time() * 1000)).SerializeToString()
-
-    async def start_profile(self, out_dir: str) -> None:
-        """Start a torch.profiler trace of this worker's engine (pdserve.profiling);
-        the trace is written under out_dir on this worker's node."""
-        assert self.aengine is not None
-        await self.aengine.start_profile(out_dir, self.spec.worker_id)
-
-    async def stop_profile(self) -> str:
-        assert self.aengine is not None
-        return await self.aengine.stop_profile()
 
     async def stats(self) -> dict:
         """Plain numbers for tests and metrics: pool, queues, reservations."""

@@ -15,6 +15,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,3 +57,21 @@ class EngineProfiler:
         prof.export_chrome_trace(str(out))
         logger.info("profile of %s written to %s", self.name, out)
         return str(out)
+
+
+class ProfiledWorker:
+    """The workers' profiling calls (Ray actor methods), for a class with an AsyncEngine
+    in `self.aengine` and its WorkerSpec in `self.spec`."""
+    aengine: Any
+    spec: Any
+
+    async def start_profile(self, out_dir: str) -> None:
+        """Start a torch.profiler trace of this worker's engine; the trace is written
+        under out_dir on this worker's node."""
+        assert self.aengine is not None
+        await self.aengine.start_profile(out_dir, self.spec.worker_id)
+
+    async def stop_profile(self) -> str:
+        """Stop the trace and write it; returns its path."""
+        assert self.aengine is not None
+        return await self.aengine.stop_profile()

@@ -26,6 +26,7 @@ from typing import Awaitable, Callable
 import google_crc32c  # noqa: F401 - imported for its side effect of failing early if absent
 
 from pdserve.engine.async_engine import AsyncEngine
+from pdserve.profiling import ProfiledWorker
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.sequence import Sequence
 from pdserve.protocol import sampling_params_from_proto
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 PREFILL_WAIT_MAX_S = 600.0    # backstop for a request without a deadline
 
 
-class PrefillWorker:
+class PrefillWorker(ProfiledWorker):
     def __init__(self, spec_json: str) -> None:
         self.spec = WorkerSpec.from_json(spec_json)
         self.engine = LLMEngine(self.spec.engine_config())
@@ -330,16 +331,6 @@ class PrefillWorker:
             kv_blocks_free=int(st["kv_blocks_free"] + st["kv_blocks_cached"]),
             kv_usage=float(st["kv_cache_usage"]), draining=self.draining,
             timestamp_unix_ms=int(time.time() * 1000)).SerializeToString()
-
-    async def start_profile(self, out_dir: str) -> None:
-        """Start a torch.profiler trace of this worker's engine (pdserve.profiling);
-        the trace is written under out_dir on this worker's node."""
-        assert self.aengine is not None
-        await self.aengine.start_profile(out_dir, self.spec.worker_id)
-
-    async def stop_profile(self) -> str:
-        assert self.aengine is not None
-        return await self.aengine.stop_profile()
 
     async def stats(self) -> dict:
         st = dict(self.engine.stats())

@@ -40,9 +40,11 @@ cross back.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -81,6 +83,22 @@ def batch_buckets(max_batch_size: int) -> list[int]:
         b *= 2
     buckets.append(max_batch_size)
     return buckets
+
+
+def capture_graph(fn: Callable[[], Tensor], device: torch.device,
+                  pool: tuple) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+    """fn() once on a side stream, as torch.cuda.graph's docs ask, so that lazy
+    initialisation (Triton compile, cuBLAS workspace) stays out of the capture; then
+    captured into `pool`. Returns the graph and the output tensor it writes."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
 
 
 class CudaGraphRunner:
@@ -140,17 +158,8 @@ class CudaGraphRunner:
         device = self.input_ids.device
         pool = torch.cuda.graph_pool_handle()
         for bucket in reversed(self.buckets):
-            # Warm up on a side stream, as torch.cuda.graph's docs ask, so lazy
-            # initialisation (Triton compile, cuBLAS workspace) stays out of the capture.
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                self._forward(bucket)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[bucket] = self._forward(bucket)
-            self.graphs[bucket] = graph
+            self.graphs[bucket], self.logits[bucket] = capture_graph(
+                functools.partial(self._forward, bucket), device, pool)
             logger.debug("captured decode graph: batch %d, %d KV splits", bucket,
                          choose_num_splits(bucket, hkv, self.config.max_context_len, device))
         torch.cuda.synchronize(device)

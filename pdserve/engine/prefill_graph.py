@@ -25,12 +25,14 @@ How it works:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
 import torch
 from torch import Tensor
 
+from pdserve.engine.cuda_graph import capture_graph
 from pdserve.kernels.metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -82,15 +84,8 @@ class PrefillGraphRunner:
             # writing nothing (every slot is -1).
             self.query_start_loc.copy_(torch.tensor([0, bucket], dtype=torch.int32))
             self.seq_lens.fill_(bucket)
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                self._forward(bucket)
-            torch.cuda.current_stream(device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[bucket] = self._forward(bucket)
-            self.graphs[bucket] = graph
+            self.graphs[bucket], self.logits[bucket] = capture_graph(
+                functools.partial(self._forward, bucket), device, pool)
         torch.cuda.synchronize(device)
         logger.info("captured %d prefill CUDA graphs (one prompt, %d..%d tokens) in %.1f s",
                     len(self.graphs), self.buckets[0], self.buckets[-1], time.perf_counter() - t0)

@@ -148,13 +148,24 @@ def test_can_run_rejects_what_was_not_captured() -> None:
     assert not graphs.can_run(_decode_meta([65], gen)[0], 1), "context longer than captured"
 
 
+def _step(runner, seqs, chunks: list[tuple[int, int]]) -> list[int]:
+    """Run one step of (sequence index, new tokens) chunks; returns the sampled ids."""
+    from pdserve.engine.scheduler import ScheduledSeq, SchedulerOutput
+    out = SchedulerOutput([ScheduledSeq(seqs[i], n) for i, n in chunks], [])
+    sampled = runner.execute(out)
+    for i, n in chunks:
+        seqs[i].num_computed_tokens += n
+    for seq, res in sampled:
+        seq.tokens.append(res.token_id)
+    return [res.token_id for _, res in sampled]
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_model_runner_replays_decode_steps_only() -> None:
     """ModelRunner with graphs vs without, greedy fp32: same tokens; prefill and mixed
     steps run eagerly, pure-decode steps replay."""
     from pdserve.engine.runner import ModelRunner
-    from pdserve.engine.scheduler import ScheduledSeq, SchedulerOutput
     from pdserve.engine.sequence import Sequence
     from pdserve.model.llama import allocate_kv_caches
     from pdserve.sampling.params import SamplingParams
@@ -174,15 +185,6 @@ def test_model_runner_replays_decode_steps_only() -> None:
         seqs = [Sequence(f"s{i}", p, params) for i, p in enumerate(prompts)]
         return runner, seqs
 
-    def step(runner, seqs, chunks: list[tuple[int, int]]) -> list[int]:
-        out = SchedulerOutput([ScheduledSeq(seqs[i], n) for i, n in chunks], [])
-        sampled = runner.execute(out)
-        for i, n in chunks:
-            seqs[i].num_computed_tokens += n
-        for seq, res in sampled:
-            seq.tokens.append(res.token_id)
-        return [res.token_id for _, res in sampled]
-
     plan = ([[(0, 5), (1, 40), (2, 10)]]                  # prefill (2 is chunked)
             + [[(0, 1), (1, 1), (2, 7)]]                   # mixed: eager
             + [[(0, 1), (1, 1), (2, 1)]] * 3               # decode: bucket 4, padded
@@ -193,7 +195,7 @@ def test_model_runner_replays_decode_steps_only() -> None:
     graph, graph_seqs = make(True)
     assert eager.graphs is None and graph.graphs is not None
     for chunks in plan:
-        assert step(graph, graph_seqs, chunks) == step(eager, eager_seqs, chunks), chunks
+        assert _step(graph, graph_seqs, chunks) == _step(eager, eager_seqs, chunks), chunks
     assert graph.graphs.num_replays == 3 + 1 + 2
 
 
@@ -207,7 +209,6 @@ def test_model_runner_replays_one_prompt_prefill_steps(whole_prompt_hook: bool) 
     equal the eager runner's, and so does the KV the replays wrote. A whole-prompt hook
     (a prefill worker on a transport that is not layer-wise) runs once after the step."""
     from pdserve.engine.runner import ModelRunner
-    from pdserve.engine.scheduler import ScheduledSeq, SchedulerOutput
     from pdserve.engine.sequence import Sequence
     from pdserve.model.llama import allocate_kv_caches
     from pdserve.sampling.params import SamplingParams
@@ -229,15 +230,6 @@ def test_model_runner_replays_one_prompt_prefill_steps(whole_prompt_hook: bool) 
         seqs = [Sequence(f"s{i}", p, params) for i, p in enumerate(prompts)]
         return runner, seqs, kv
 
-    def step(runner, seqs, chunks: list[tuple[int, int]]) -> list[int]:
-        out = SchedulerOutput([ScheduledSeq(seqs[i], n) for i, n in chunks], [])
-        sampled = runner.execute(out)
-        for i, n in chunks:
-            seqs[i].num_computed_tokens += n
-        for seq, res in sampled:
-            seq.tokens.append(res.token_id)
-        return [res.token_id for _, res in sampled]
-
     plan = ([[(0, 5)], [(1, 64)], [(2, 70)]]          # one prompt: 64, 64 and 128 buckets
             + [[(3, 100)], [(3, 50)]]                 # chunked: the second over a prefix
             + [[(0, 1), (1, 1), (2, 1), (3, 1)]]      # decode graph
@@ -254,7 +246,7 @@ def test_model_runner_replays_one_prompt_prefill_steps(whole_prompt_hook: bool) 
         # s1's prefill step exports it (a prefill worker's request ends there)
         export = whole_prompt_hook and chunks == [(1, 64)]
         graph_seqs[1].prefill_only = eager_seqs[1].prefill_only = export
-        assert step(graph, graph_seqs, chunks) == step(eager, eager_seqs, chunks), chunks
+        assert _step(graph, graph_seqs, chunks) == _step(eager, eager_seqs, chunks), chunks
     graph_seqs[1].prefill_only = eager_seqs[1].prefill_only = False
     assert graph.prefill_graphs.num_replays == 6
     for (kg, vg), (ke, ve) in zip(kv_graph, kv_eager):
