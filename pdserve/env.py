@@ -49,6 +49,9 @@ VARS: dict[str, _Var] = {
         _Var("PDSERVE_NO_PROGRESS", False, _bool, "hide progress bars"),
         _Var("PDSERVE_LOG_LEVEL", "INFO", str, "logging level for pdserve loggers"),
         _Var("PDSERVE_ENFORCE_EAGER", False, _bool, "never capture CUDA graphs"),
+        _Var("PDSERVE_CPU_GEMM", "auto", str,
+             "CPU: auto (time the GEMM orientations once per process on the model's weights) "
+             "| blas (always F.linear) | transposed (W @ x^T for small batches)"),
         _Var("PDSERVE_PREFILL_GRAPH_MAX_TOKENS", 1024, int,
              "CUDA: one-prompt prefill steps of up to this many tokens replay a CUDA graph "
              "(one per 64-token bucket, captured at start); 0 runs them eagerly"),
@@ -81,6 +84,10 @@ def no_progress() -> bool:
 
 def enforce_eager() -> bool:
     return bool(get("PDSERVE_ENFORCE_EAGER"))
+
+
+def cpu_gemm() -> str:
+    return str(get("PDSERVE_CPU_GEMM"))
 
 
 def prefill_graph_max_tokens() -> int:

@@ -19,7 +19,7 @@ from pdserve.engine.runner import PLACEHOLDER_TOKEN, InFlight, ModelRunner
 from pdserve.engine.scheduler import Scheduler, SchedulerOutput
 from pdserve.engine.sequence import (FINISH_ABORT, FINISH_LENGTH, Sequence, SeqStatus)
 from pdserve.kernels import get_attention_ops
-from pdserve.model.llama import allocate_kv_caches
+from pdserve.model.llama import allocate_kv_caches, ensure_cpu_gemm_plan
 from pdserve.model.loader import load_model
 from pdserve.sampling.params import SamplingParams
 from pdserve.sampling.sampler import SampleResult, Sampler
@@ -79,6 +79,8 @@ class LLMEngine:
         self.ops = get_attention_ops(device=self.device)
         torch.manual_seed(config.seed)
         self.model = load_model(config.model, self.dtype, self.device, self.ops)
+        if self.device.type == "cpu":
+            ensure_cpu_gemm_plan(self.model, env.cpu_gemm())
 
         mc, cc = self.model_config, config.cache
         elem = torch.empty((), dtype=self.dtype).element_size()

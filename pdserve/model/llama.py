@@ -24,7 +24,10 @@ buffers separately (still correct, but twice the memory).
 """
 from __future__ import annotations
 
-from typing import Protocol
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -34,34 +37,112 @@ from pdserve.config import ModelConfig
 from pdserve.kernels.metadata import AttentionMetadata
 from pdserve.model.rope import RotaryEmbedding, apply_rotary
 
+logger = logging.getLogger(__name__)
+
 KVCache = tuple[Tensor, Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]
 
-# CPU GEMMs for 2..CPU_SMALL_BATCH_MAX rows run as W @ x^T: with a [N, K] weight the BLAS
-# kernel for that orientation is 1.2-3.6x faster on small batches than x @ W^T (measured
-# on the project's x86 CPU box, 2 threads: e.g. 576 -> 49152 at 8 rows 45 -> 13 ms),
-# equal at 1 row and from ~256 rows on. (Both operands contiguous: a transposed x, i.e.
-# a column-major x^T, is what makes it fast; the output is copied back to row-major.)
+# CPU GEMM orientations. Which is fastest depends on the CPU and its BLAS, so the engine
+# measures them once per process on the model's own weights (calibrate_cpu_gemms) and
+# `linear` follows the resulting plan:
+# - 2..small_batch_max rows as W @ x^T: on an AMD EPYC box with MKL that orientation was
+#   1.2-3.6x faster for small batches than x @ W^T (576 -> 49152 at 8 rows: 45 -> 13 ms),
+#   equal at 1 row and from ~256 rows on. (Both operands contiguous: a transposed x, i.e.
+#   a column-major x^T, is what makes it fast; the output is copied back to row-major.)
+# - One row against a weight of at least gemv_as_gemm_min_rows rows as a 2-column GEMM
+#   (the row duplicated, one result column kept): on the same box the GEMV was slower
+#   (576 -> 49152: 10.2 -> 7.9 ms; single-stream decode +12%).
+# On a Xeon (Sapphire Rapids class) box with the same MKL both were slower than F.linear:
+# 3x at one row, up to 1.4x at 64-128 rows (benchmarks/RESULTS.md).
 CPU_SMALL_BATCH_MAX = 128
-# One row (a single stream's decode step) against a tall weight: the same BLAS's GEMV is
-# slower than its 2-column GEMM, so the row is duplicated and one result column kept
-# (same box: 576 -> 49152 10.2 -> 7.9 ms, 576 -> 3072 0.36 -> 0.31 ms; single-stream
-# decode of the default model +12%, benchmarks/RESULTS.md). Below 2048 output rows the
-# GEMV is the faster one (576 -> 960: 0.056 vs 0.107 ms).
 CPU_GEMV_AS_GEMM_MIN_ROWS = 2048
 
 
+@dataclass(frozen=True)
+class CpuGemmPlan:
+    gemv_as_gemm_min_rows: int = 0    # 0: one row always goes through F.linear
+    small_batch_max: int = 1          # 1: no batch goes through W @ x^T
+
+    def describe(self) -> str:
+        gemv = (f"1 row x >= {self.gemv_as_gemm_min_rows}-row weights as a 2-column GEMM"
+                if self.gemv_as_gemm_min_rows else "1 row via F.linear")
+        small = (f"2..{self.small_batch_max} rows as W @ x^T" if self.small_batch_max > 1
+                 else "batches via F.linear")
+        return f"{gemv}; {small}"
+
+
+TRANSPOSED_PLAN = CpuGemmPlan(CPU_GEMV_AS_GEMM_MIN_ROWS, CPU_SMALL_BATCH_MAX)
+BLAS_PLAN = CpuGemmPlan()
+_plan: CpuGemmPlan | None = None      # set once per process (ensure_cpu_gemm_plan)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear, with the small-batch CPU orientations above. x: [T, K]."""
+    """F.linear, with the CPU orientations of the process's plan. x: [T, K]."""
     if x.device.type != "cpu" or x.dim() != 2:
         return F.linear(x, weight, bias)
+    plan = _plan or TRANSPOSED_PLAN
     rows = x.shape[0]
-    if rows == 1 and weight.shape[0] >= CPU_GEMV_AS_GEMM_MIN_ROWS:
+    if rows == 1 and plan.gemv_as_gemm_min_rows and weight.shape[0] >= plan.gemv_as_gemm_min_rows:
         out = torch.mm(weight, x.repeat(2, 1).t())[:, :1].t().contiguous()
-    elif 1 < rows <= CPU_SMALL_BATCH_MAX:
+    elif 1 < rows <= plan.small_batch_max:
         out = torch.mm(weight, x.contiguous().t()).t().contiguous()
     else:
         return F.linear(x, weight, bias)
     return out if bias is None else out + bias
+
+
+def _best_ms(fn: Callable[[], object], reps: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+@torch.inference_mode()
+def calibrate_cpu_gemms(weights: list[Tensor], margin: float = 0.9) -> CpuGemmPlan:
+    """Time each orientation on these weights (the model's GEMMs) and keep one only where
+    it beats F.linear by more than 1 - margin: one row against the tall weights, then
+    8, 32 and 96 rows standing for the tiers up to 16, 64 and 128 rows."""
+    gen = torch.Generator().manual_seed(0)
+    tall = [w for w in weights if w.shape[0] >= CPU_GEMV_AS_GEMM_MIN_ROWS]
+    gemv = 0
+    if tall:
+        xs = [torch.randn(1, w.shape[1], generator=gen, dtype=w.dtype) for w in tall]
+        blas = sum(_best_ms(lambda w=w, x=x: F.linear(x, w)) for w, x in zip(tall, xs))
+        two = sum(_best_ms(lambda w=w, x=x: torch.mm(w, x.repeat(2, 1).t())[:, :1].t().contiguous())
+                  for w, x in zip(tall, xs))
+        gemv = CPU_GEMV_AS_GEMM_MIN_ROWS if two < margin * blas else 0
+    small = 1
+    for top, rows in ((16, 8), (64, 32), (CPU_SMALL_BATCH_MAX, 96)):
+        xs = [torch.randn(rows, w.shape[1], generator=gen, dtype=w.dtype) for w in weights]
+        blas = sum(_best_ms(lambda w=w, x=x: F.linear(x, w)) for w, x in zip(weights, xs))
+        wxt = sum(_best_ms(lambda w=w, x=x: torch.mm(w, x.t()).t().contiguous())
+                  for w, x in zip(weights, xs))
+        if wxt >= margin * blas:
+            break
+        small = top
+    return CpuGemmPlan(gemv, small)
+
+
+def ensure_cpu_gemm_plan(model: "CausalLM", choice: str = "auto") -> CpuGemmPlan:
+    """The process's CPU GEMM plan, measured on this model the first time (later engines
+    in the process reuse it, so that two engines never differ in rounding). choice:
+    auto | blas | transposed (PDSERVE_CPU_GEMM)."""
+    global _plan
+    if _plan is None:
+        if choice not in ("auto", "blas", "transposed"):
+            raise ValueError(f"CPU GEMM choice {choice!r}: expected auto, blas or transposed")
+        if choice == "blas":
+            _plan = BLAS_PLAN
+        elif choice == "transposed":
+            _plan = TRANSPOSED_PLAN
+        else:
+            weights = [w for w, _ in model.layer_gemms()] + [model.lm_head_weight()]
+            _plan = calibrate_cpu_gemms(weights)
+        logger.info("CPU GEMMs (%s): %s", choice, _plan.describe())
+    return _plan
 
 
 class AttentionOps(Protocol):
@@ -289,10 +370,12 @@ class CausalLM(nn.Module):
         gemms.append((mlp.down_proj.weight, None))
         return gemms
 
+    def lm_head_weight(self) -> Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
     def compute_logits(self, hidden: Tensor) -> Tensor:
         # hidden: [n, hidden] (usually each sequence's last token) -> [n, vocab] float32
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight).float().contiguous()
+        return linear(hidden, self.lm_head_weight()).float().contiguous()
 
 
 def kv_cache_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:

@@ -131,9 +131,16 @@ def test_loader_fuses_after_loading(tmp_path: Path, family: str) -> None:
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture
+def transposed_plan(monkeypatch):
+    """The W @ x^T and 2-column GEMM paths, whatever this machine's calibration chose."""
+    from pdserve.model import llama
+    monkeypatch.setattr(llama, "_plan", llama.TRANSPOSED_PLAN)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 37, 128, 129])
 @pytest.mark.parametrize("bias", [False, True])
-def test_cpu_small_batch_linear_equals_f_linear(rows: int, bias: bool) -> None:
+def test_cpu_small_batch_linear_equals_f_linear(rows: int, bias: bool, transposed_plan) -> None:
     from pdserve.model.llama import linear
     g = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, 48, generator=g)
@@ -146,7 +153,7 @@ def test_cpu_small_batch_linear_equals_f_linear(rows: int, bias: bool) -> None:
 
 @pytest.mark.parametrize("out_rows", [80, 2048, 4100])
 @pytest.mark.parametrize("bias", [False, True])
-def test_cpu_single_row_linear_equals_f_linear(out_rows: int, bias: bool) -> None:
+def test_cpu_single_row_linear_equals_f_linear(out_rows: int, bias: bool, transposed_plan) -> None:
     """One row against a tall weight goes through a 2-column GEMM (CPU_GEMV_AS_GEMM_MIN_ROWS)."""
     from pdserve.model.llama import linear
     g = torch.Generator().manual_seed(out_rows)
@@ -156,3 +163,27 @@ def test_cpu_single_row_linear_equals_f_linear(out_rows: int, bias: bool) -> Non
     got = linear(x, w, b)
     assert got.shape == (1, out_rows) and got.is_contiguous()
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_gemm_calibration_picks_a_plan_once_per_process(monkeypatch) -> None:
+    """calibrate_cpu_gemms times the orientations on the given weights; the process keeps
+    the first plan (two engines never differ in rounding); PDSERVE_CPU_GEMM's choices."""
+    from pdserve.model import llama
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(n, 64, generator=g) for n in (96, 2048)]
+    plan = llama.calibrate_cpu_gemms(weights)
+    assert plan.gemv_as_gemm_min_rows in (0, llama.CPU_GEMV_AS_GEMM_MIN_ROWS)
+    assert plan.small_batch_max in (1, 16, 64, llama.CPU_SMALL_BATCH_MAX)
+    # margin 0: no orientation can beat F.linear by 100%, so the plan is plain BLAS
+    assert llama.calibrate_cpu_gemms(weights, margin=0.0) == llama.BLAS_PLAN
+    model = random_model(FAMILIES["llama"], seed=2)
+    monkeypatch.setattr(llama, "_plan", None)
+    with pytest.raises(ValueError, match="CPU GEMM choice"):
+        llama.ensure_cpu_gemm_plan(model, "fastest")
+    assert llama.ensure_cpu_gemm_plan(model, "blas") == llama.BLAS_PLAN
+    assert llama.ensure_cpu_gemm_plan(model, "transposed") == llama.BLAS_PLAN   # kept
+    monkeypatch.setattr(llama, "_plan", None)
+    assert llama.ensure_cpu_gemm_plan(model, "transposed") == llama.TRANSPOSED_PLAN
+    x = torch.randn(5, model.config.hidden_size)
+    torch.testing.assert_close(model.compute_logits(x), torch.nn.functional.linear(
+        x, model.lm_head_weight()), atol=1e-4, rtol=1e-4)
