@@ -51,8 +51,8 @@ KVCache = tuple[Tensor, Tensor]  # (k_cache, v_cache), each [num_blocks, block_s
 # - One row against a weight of at least gemv_as_gemm_min_rows rows as a 2-column GEMM
 #   (the row duplicated, one result column kept): on the same box the GEMV was slower
 #   (576 -> 49152: 10.2 -> 7.9 ms; single-stream decode +12%).
-# On a Xeon (Sapphire Rapids class) box with the same MKL both were slower than F.linear:
-# 3x at one row, up to 1.4x at 64-128 rows (benchmarks/RESULTS.md).
+# On a Xeon box with the same MKL both were slower than F.linear: 3x at one row, 1.4-2.8x
+# at 2-4 rows, 1.1-1.4x at 64-128, level at 8-32 (benchmarks/RESULTS.md).
 CPU_SMALL_BATCH_MAX = 128
 CPU_GEMV_AS_GEMM_MIN_ROWS = 2048
 
