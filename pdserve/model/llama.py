@@ -24,9 +24,15 @@ buffers separately (still correct, but twice the memory).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
+import os
+import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
@@ -41,9 +47,10 @@ logger = logging.getLogger(__name__)
 
 KVCache = tuple[Tensor, Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]
 
-# CPU GEMM orientations. Which is fastest depends on the CPU and its BLAS, so the engine
-# measures them once per process on the model's own weights (calibrate_cpu_gemms) and
-# `linear` follows the resulting plan:
+# CPU GEMM orientations. Which is fastest depends on the CPU and its BLAS, so the first
+# CPU engine measures them on the model's own weights (calibrate_cpu_gemms), once per
+# machine: the plan is kept in PDSERVE_CACHE_DIR for every later process (_shared_plan).
+# `linear` follows the plan:
 # - 2..small_batch_max rows as W @ x^T: on an AMD EPYC box with MKL that orientation was
 #   1.2-3.6x faster for small batches than x @ W^T (576 -> 49152 at 8 rows: 45 -> 13 ms),
 #   equal at 1 row and from ~256 rows on. (Both operands contiguous: a transposed x, i.e.
@@ -126,10 +133,59 @@ def calibrate_cpu_gemms(weights: list[Tensor], margin: float = 0.9) -> CpuGemmPl
     return CpuGemmPlan(gemv, small)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _plan_file(weights: list[Tensor]) -> Path:
+    """Where this machine's plan for these weight shapes is kept (PDSERVE_CACHE_DIR)."""
+    from pdserve import env
+    key = json.dumps({"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                      "torch": torch.__version__, "shapes": [list(w.shape) for w in weights]})
+    return env.cache_dir() / "cpu-gemm" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+
+
+def _read_plan(path: Path) -> CpuGemmPlan | None:
+    try:
+        d = json.loads(path.read_text())
+        return CpuGemmPlan(int(d["gemv_as_gemm_min_rows"]), int(d["small_batch_max"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _shared_plan(weights: list[Tensor]) -> CpuGemmPlan:
+    """One plan per machine: the first process to measure writes it (exclusive create),
+    and every process, Ray workers included, uses the file's. Timings near the margin
+    could otherwise pick different plans in two processes, and their outputs would then
+    differ in rounding."""
+    path = _plan_file(weights)
+    plan = _read_plan(path)
+    if plan is not None:
+        return plan
+    plan = calibrate_cpu_gemms(weights)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "x") as f:
+            json.dump(dataclasses.asdict(plan), f)
+    except FileExistsError:   # another process measured first: use its plan
+        return _read_plan(path) or plan
+    except OSError as e:
+        logger.warning("cannot keep the CPU GEMM plan in %s (%s); this process measured its own",
+                       path, e)
+    return plan
+
+
 def ensure_cpu_gemm_plan(model: "CausalLM", choice: str = "auto") -> CpuGemmPlan:
-    """The process's CPU GEMM plan, measured on this model the first time (later engines
-    in the process reuse it, so that two engines never differ in rounding). choice:
-    auto | blas | transposed (PDSERVE_CPU_GEMM)."""
+    """The process's CPU GEMM plan, set by the first CPU engine (later engines reuse it).
+    choice (PDSERVE_CPU_GEMM): auto (measured once per machine, see _shared_plan) | blas |
+    transposed."""
     global _plan
     if _plan is None:
         if choice not in ("auto", "blas", "transposed"):
@@ -139,8 +195,7 @@ def ensure_cpu_gemm_plan(model: "CausalLM", choice: str = "auto") -> CpuGemmPlan
         elif choice == "transposed":
             _plan = TRANSPOSED_PLAN
         else:
-            weights = [w for w, _ in model.layer_gemms()] + [model.lm_head_weight()]
-            _plan = calibrate_cpu_gemms(weights)
+            _plan = _shared_plan([w for w, _ in model.layer_gemms()] + [model.lm_head_weight()])
         logger.info("CPU GEMMs (%s): %s", choice, _plan.describe())
     return _plan
 

@@ -165,7 +165,7 @@ def test_cpu_single_row_linear_equals_f_linear(out_rows: int, bias: bool, transp
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), atol=1e-5, rtol=1e-5)
 
 
-def test_cpu_gemm_calibration_picks_a_plan_once_per_process(monkeypatch) -> None:
+def test_cpu_gemm_calibration_picks_a_plan_once_per_process(monkeypatch, tmp_path) -> None:
     """calibrate_cpu_gemms times the orientations on the given weights; the process keeps
     the first plan (two engines never differ in rounding); PDSERVE_CPU_GEMM's choices."""
     from pdserve.model import llama
@@ -177,6 +177,19 @@ def test_cpu_gemm_calibration_picks_a_plan_once_per_process(monkeypatch) -> None
     # margin 0: no orientation can beat F.linear by 100%, so the plan is plain BLAS
     assert llama.calibrate_cpu_gemms(weights, margin=0.0) == llama.BLAS_PLAN
     model = random_model(FAMILIES["llama"], seed=2)
+    # auto: the first process to measure keeps the plan in PDSERVE_CACHE_DIR, and every
+    # later process (or engine) reads that file instead of measuring again.
+    monkeypatch.setenv("PDSERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(llama, "_plan", None)
+    kept = llama.CpuGemmPlan(llama.CPU_GEMV_AS_GEMM_MIN_ROWS, 16)
+    path = llama._plan_file([w for w, _ in model.layer_gemms()] + [model.lm_head_weight()])
+    path.parent.mkdir(parents=True)
+    path.write_text('{"gemv_as_gemm_min_rows": 2048, "small_batch_max": 16}')
+    assert llama.ensure_cpu_gemm_plan(model, "auto") == kept
+    monkeypatch.setattr(llama, "_plan", None)
+    path.unlink()
+    measured = llama.ensure_cpu_gemm_plan(model, "auto")
+    assert llama._read_plan(path) == measured            # written for the next process
     monkeypatch.setattr(llama, "_plan", None)
     with pytest.raises(ValueError, match="CPU GEMM choice"):
         llama.ensure_cpu_gemm_plan(model, "fastest")
