@@ -20,9 +20,9 @@ import os
 import time
 
 from pdserve.engine.async_engine import AsyncEngine
-from pdserve.profiling import ProfiledWorker
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput, TokenLogprob
 from pdserve.outputs import Outbox, to_decode_output
+from pdserve.profiling import ProfiledWorker
 from pdserve.protocol import sampling_params_from_proto
 from pdserve.v1 import kv_pb2, worker_pb2
 from pdserve.worker_spec import WorkerSpec

@@ -50,7 +50,8 @@ VARS: dict[str, _Var] = {
         _Var("PDSERVE_LOG_LEVEL", "INFO", str, "logging level for pdserve loggers"),
         _Var("PDSERVE_ENFORCE_EAGER", False, _bool, "never capture CUDA graphs"),
         _Var("PDSERVE_CPU_GEMM", "auto", str,
-             "CPU: auto (time the GEMM orientations once per process on the model's weights) "
+             "CPU: auto (time the GEMM orientations once per machine on the model's weights, "
+             "kept in PDSERVE_CACHE_DIR) "
              "| blas (always F.linear) | transposed (W @ x^T for small batches)"),
         _Var("PDSERVE_PREFILL_GRAPH_MAX_TOKENS", 1024, int,
              "CUDA: one-prompt prefill steps of up to this many tokens replay a CUDA graph "

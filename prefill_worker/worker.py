@@ -26,9 +26,9 @@ from typing import Awaitable, Callable
 import google_crc32c  # noqa: F401 - imported for its side effect of failing early if absent
 
 from pdserve.engine.async_engine import AsyncEngine
-from pdserve.profiling import ProfiledWorker
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.sequence import Sequence
+from pdserve.profiling import ProfiledWorker
 from pdserve.protocol import sampling_params_from_proto
 from pdserve.v1 import generation_pb2, kv_pb2, worker_pb2
 from pdserve.worker_spec import WorkerSpec
@@ -58,11 +58,10 @@ class PrefillWorker(ProfiledWorker):
         self.exports: dict[str, tuple[KVSendHandle, int]] = {}
         self._export_index: dict[str, Tensor] = {}   # engine thread only: see _on_layer
         self._kv_base = single_buffer(self.engine.kv_caches)   # one gather per send
-        self._layerwise = True                       # set from the transport in _start
+        self._layerwise = True   # set with the export hook, from the transport, in _start
         self.first: dict[str, asyncio.Future] = {}
         self.draining = False
         self.fault_plan = None
-        self.engine.runner.set_layer_hook(self._on_layer)
         # Phase gates (tests and fault drills): awaited as gate(phase, request_key) at
         # "admitted", "first_token" (KV pushed or in flight), "kv_sent" (all chunks
         # acknowledged, before the completion record) and "completed". A test places a

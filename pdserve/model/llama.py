@@ -79,7 +79,7 @@ class CpuGemmPlan:
 
 TRANSPOSED_PLAN = CpuGemmPlan(CPU_GEMV_AS_GEMM_MIN_ROWS, CPU_SMALL_BATCH_MAX)
 BLAS_PLAN = CpuGemmPlan()
-_plan: CpuGemmPlan | None = None      # set once per process (ensure_cpu_gemm_plan)
+_plan: CpuGemmPlan | None = None      # this process's plan (ensure_cpu_gemm_plan)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
