@@ -10,6 +10,8 @@ one launch:
     add_rms_norm(x, residual, w)  s = residual + x (stored as the new residual), rmsnorm(s)
     silu_and_mul(gate_up)         silu(gate) * up
     rotary(q, k, cos, sin)        q, k rotated ("rotate_half" convention)
+    rotary_write_kv(q, k, v, ...) q rotated; k rotated and v copied straight into their
+                                  paged-cache slots (the rotated k is never materialized)
 
 Numerics follow Hugging Face's eager ops in the activation dtype: every torch op that
 rounds to bf16/fp16 there rounds here at the same point (the residual sum, the
@@ -164,3 +166,64 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tens
             q_out.stride(0), k_out.stride(0), cos.stride(0), NUM_Q_HEADS=hq, HEAD_DIM=d,
             HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2))
     return q_out, k_out
+
+
+@triton.jit
+def _rotary_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
+                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                      stride_qot, stride_ct, stride_cb, stride_cs, stride_ch,
+                      NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+                      BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr):
+    # heads [0, Hq): rotate q into qo; [Hq, Hq + Hkv): rotate k and copy v into the cache
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    cos_row = cos_ptr + tok * stride_ct
+    sin_row = sin_ptr + tok * stride_ct
+    if head < NUM_Q_HEADS:
+        _rotate_row(q_ptr + tok * stride_qt + head * stride_qh,
+                    qo_ptr + tok * stride_qot + head * HEAD_DIM, cos_row, sin_row, HALF, BLOCK)
+    else:
+        kh = head - NUM_Q_HEADS
+        # int64 slot: block * stride_cb overflows int32 past 2**31 cache elements
+        slot = tl.load(slot_ptr + tok).to(tl.int64)
+        if slot >= 0:   # a negative slot is a padding token: nothing to write
+            dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + kh * stride_ch
+            _rotate_row(k_ptr + tok * stride_kt + kh * stride_kh, kc_ptr + dst, cos_row,
+                        sin_row, HALF, BLOCK)
+            d = tl.arange(0, BLOCK_D)
+            mask = d < HEAD_DIM
+            row = tl.load(v_ptr + tok * stride_vt + kh * stride_vh + d, mask=mask)
+            tl.store(vc_ptr + dst + d, row.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def rotary_write_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
+                    k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> Tensor:
+    """rotary() and triton_kv.write_kv() in one launch: returns the rotated q [T, Hq, D]
+    (contiguous); the rotated k and v go to slot_mapping's cache slots (slot < 0: skipped),
+    as write_kv(rotary(q, k)[1], v, ...) would store them. q, k, v: views of the fused qkv
+    output (contiguous last dimension); caches [num_blocks, block_size, Hkv, D] sharing
+    strides; cos, sin: [T, 1, D] in q's dtype."""
+    check_runnable(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    for name, x in (("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin),
+                    ("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"rotary_write_kv needs a contiguous last dimension ({name})")
+    if cos.stride(0) != sin.stride(0) or k_cache.stride() != v_cache.stride():
+        raise ValueError("cos/sin and k_cache/v_cache must share their layouts")
+    T, hq, d = q.shape
+    hkv = k.shape[1]
+    if v.shape != k.shape or k_cache.shape[2:] != (hkv, d):
+        raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} and the cache's heads x dim "
+                         f"{tuple(k_cache.shape[2:])} do not match")
+    if slot_mapping.shape != (T,) or slot_mapping.dtype != torch.int64:
+        raise ValueError(f"slot_mapping must be [{T}] int64")
+    q_out = torch.empty(T, hq, d, dtype=q.dtype, device=q.device)
+    if T:
+        _rotary_kv_kernel[(T, hq + hkv)](
+            q, k, v, cos, sin, q_out, k_cache, v_cache, slot_mapping.contiguous(),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            q_out.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
+            k_cache.stride(2), NUM_Q_HEADS=hq, HEAD_DIM=d, HALF=d // 2,
+            BLOCK=triton.next_power_of_2(d // 2), BLOCK_D=triton.next_power_of_2(d),
+            PAGE=k_cache.shape[1])
+    return q_out

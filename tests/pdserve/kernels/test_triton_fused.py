@@ -73,6 +73,33 @@ def test_rotary_on_views_of_a_fused_qkv(dtype: torch.dtype) -> None:
     torch.testing.assert_close(got_k, want_k, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("page", [8, 16])
+def test_rotary_write_kv_equals_rotary_then_write_kv(dtype: torch.dtype, page: int) -> None:
+    """One launch for rotary and the KV write: q as rotary() gives it, and the cache as
+    write_kv(rotated k, v) leaves it, bit for bit; a padding slot (-1) writes nothing."""
+    from pdserve.kernels import triton_kv
+    T, hq, hkv, d = 5, 6, 2, 16
+    qkv = rand(T, (hq + 2 * hkv) * d, dtype=dtype, seed=6)
+    q = qkv[:, :hq * d].view(T, hq, d)
+    k = qkv[:, hq * d:(hq + hkv) * d].view(T, hkv, d)
+    v = qkv[:, (hq + hkv) * d:].view(T, hkv, d)
+    rope = RotaryEmbedding(d, 64, 10000.0, RopeScaling()).to(DEVICE)
+    cos, sin = rope(torch.tensor([0, 3, 17, 40, 63], device=DEVICE), dtype)
+    slots = torch.tensor([3, page + 1, -1, 2 * page, 0], dtype=torch.int64, device=DEVICE)
+    sentinel = rand(4, page, hkv, d, dtype=dtype, seed=7)   # any slot not written keeps it
+    kc, vc = sentinel.clone(), sentinel.clone() * 2
+    want_kc, want_vc = kc.clone(), vc.clone()
+    got_q = triton_fused.rotary_write_kv(q, k, v, cos, sin, kc, vc, slots)
+    want_q, rot_k = triton_fused.rotary(q, k, cos, sin)
+    triton_kv.write_kv(rot_k, v.contiguous(), want_kc, want_vc, slots)
+    assert torch.equal(got_q, want_q)
+    assert torch.equal(kc, want_kc) and torch.equal(vc, want_vc)
+    flat = kc.view(-1, hkv, d)
+    assert torch.equal(flat[page + 1], rot_k[1])                          # really written
+    assert torch.equal(flat[5], sentinel.view(-1, hkv, d)[5])             # untouched slot
+
+
 def test_layers_take_the_fused_path_with_the_triton_backend() -> None:
     """A tiny Llama on the Triton ops (fused norms, rotary, SiLU) gives the logits of the
     same weights on the torch reference ops (unfused), prefill and decode steps."""
