@@ -56,6 +56,8 @@ class DecodeGroup:
     nblk: int                  # blocks per row (the longest sequence's)
     pad: Tensor | None         # flat gathered token positions past each row's length
     mask: Tensor | None        # [n, 1, 1, nblk * block_size] bool; None: every row is full
+    length: int = 0            # a one-row group: its length, read exactly (no pad, no mask)
+    first: int = -1            # ... whose blocks are consecutive ids: the first (read in place)
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,11 @@ class DecodeGather:
     sorted block counts, GROUP_OVERHEAD against padded work), so a short sequence does
     not pay for the longest one. Positions past a row's length are zeroed after the
     gather and masked: a stale or never-written slot (even NaN) never reaches the
-    output (a masked weight is 0, and 0 * NaN would be NaN). Rows of length 0 (padded
-    batch rows) belong to no group and get zeros.
+    output (a masked weight is 0, and 0 * NaN would be NaN). A group of one row reads
+    its exact length instead: no zeroing, no mask (single-stream decode: SDPA without a
+    mask is ~30% faster there, and computes what Hugging Face's unmasked call does, bit
+    for bit), and reads its blocks in place when their ids are consecutive. Rows of
+    length 0 (padded batch rows) belong to no group and get zeros.
     """
     groups: tuple[DecodeGroup, ...]
     covers_all: bool           # every row is in some group
@@ -124,6 +129,11 @@ def decode_gather(seq_lens: Tensor, block_tables: Tensor, block_size: int,
                 members, rlens = list(range(len(lens))), lens
             rows = None if whole else torch.tensor(members, device=dev)
             blocks = (tables[:, :nblk] if whole else tables[rows, :nblk]).reshape(-1)
+            if len(members) == 1:
+                ids = blocks.tolist()
+                first = ids[0] if ids == list(range(ids[0], ids[0] + nblk)) else -1
+                groups.append(DecodeGroup(rows, blocks, nblk, None, None, rlens[0], first))
+                continue
             pad_pos = [r * width + p for r, n in enumerate(rlens) for p in range(n, width)]
             pad = torch.tensor(pad_pos, dtype=torch.int64, device=dev) if pad_pos else None
             mask = None
@@ -135,8 +145,12 @@ def decode_gather(seq_lens: Tensor, block_tables: Tensor, block_size: int,
 
 
 def _gather_group(cache: Tensor, g: DecodeGroup, rows: int, buffers: dict, name: str) -> Tensor:
-    """[rows, Hkv, nblk * block_size, D] (a view of a [rows, N, Hkv, D] copy)."""
+    """[rows, Hkv, nblk * block_size (or the one row's length), D] (a view of a
+    [rows, N, Hkv, D] copy)."""
     nb, bs, hkv, d = cache.shape
+    if g.first >= 0:   # consecutive blocks (a lone sequence in a fresh pool): no copy
+        x = cache[g.first:g.first + g.nblk].view(1, g.nblk * bs, hkv, d)
+        return x[:, :g.length].transpose(1, 2)
     src = cache.reshape(nb, bs * hkv * d)
     n = g.blocks.numel()
     buf = buffers.get(name)
@@ -146,7 +160,10 @@ def _gather_group(cache: Tensor, g: DecodeGroup, rows: int, buffers: dict, name:
     torch.index_select(src, 0, g.blocks, out=x)
     if g.pad is not None:
         x.view(-1, hkv * d).index_fill_(0, g.pad, 0.0)
-    return x.view(rows, g.nblk * bs, hkv, d).transpose(1, 2)
+    x = x.view(rows, g.nblk * bs, hkv, d)
+    if g.length:
+        x = x[:, :g.length]
+    return x.transpose(1, 2)
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor,

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from pdserve.config import ModelConfig
 from pdserve.kernels.metadata import AttentionMetadata
-from pdserve.model.rope import RotaryEmbedding, apply_rotary
+from pdserve.model.rope import RotaryEmbedding, apply_rotary, rotate
 
 logger = logging.getLogger(__name__)
 
@@ -221,6 +221,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
+        if dtype == torch.float32 and x.device.type == "cpu":
+            # On CPU torch's rms_norm runs the same ops in the same order (bit-identical;
+            # test_rms_norm_fast_path_is_bit_identical) with one dispatch instead of six.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x = x.float()
         var = x.pow(2).mean(-1, keepdim=True)
         x = x * torch.rsqrt(var + self.eps)
@@ -294,24 +298,32 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], kv_cache: KVCache,
                 meta: AttentionMetadata, fused: bool = False) -> Tensor:
         # x: [T, hidden]; rope: (cos, sin) each [T, 1, D] for this step's positions
-        T = x.shape[0]
-        q, k, v = self._project_qkv(x)
-        q = q.view(T, self.num_heads, self.head_dim)                    # [T, Hq, D]
-        k = k.view(T, self.num_kv_heads, self.head_dim)                 # [T, Hkv, D]
-        v = v.view(T, self.num_kv_heads, self.head_dim)                 # [T, Hkv, D]
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if fused:
-            from pdserve.kernels import triton_fused
-            q, k = triton_fused.rotary(q, k, *rope)
-        else:
-            q, k = apply_rotary(q, k, *rope)
+        T, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         k_cache, v_cache = kv_cache
+        if not fused and not self.qk_norm and self.qkv_weight is not None:
+            # q and k are adjacent in each row of the fused output: rotate them as one
+            # [T, Hq + Hkv, D] tensor (half the elementwise ops, the same values).
+            qkv = linear(x, self.qkv_weight, self.qkv_bias)
+            qk = rotate(qkv[:, :self.q_size + self.kv_size].view(T, hq + hkv, d), *rope)
+            q, k = qk[:, :hq], qk[:, hq:]
+            v = qkv[:, self.q_size + self.kv_size:].view(T, hkv, d)
+        else:
+            q, k, v = self._project_qkv(x)
+            q, k, v = q.view(T, hq, d), k.view(T, hkv, d), v.view(T, hkv, d)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if fused:   # rotary and the KV write in one kernel
+                from pdserve.kernels import triton_fused
+                q = triton_fused.rotary_write_kv(q, k, v, *rope, k_cache, v_cache,
+                                                 meta.slot_mapping)
+                k = None
+            else:
+                q, k = apply_rotary(q, k, *rope)
         # Write first: the new tokens attend to themselves through the cache.
-        self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if k is not None:
+            self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         o = self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]
-        o = o.reshape(T, self.num_heads * self.head_dim)
-        return linear(o, self.o_proj.weight, self.o_proj.bias)
+        return linear(o.reshape(T, hq * d), self.o_proj.weight, self.o_proj.bias)
 
 
 class MLP(nn.Module):

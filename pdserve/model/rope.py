@@ -90,6 +90,11 @@ class RotaryEmbedding(nn.Module):
         return cos, sin
 
 
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: [T, H, D]; cos, sin: [T, 1, D]
+    return x * cos + rotate_half(x) * sin
+
+
 def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     # q: [T, Hq, D]; k: [T, Hkv, D]; cos, sin: [T, 1, D]
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return rotate(q, cos, sin), rotate(k, cos, sin)

@@ -139,6 +139,36 @@ def test_decode_groups_and_chunks_match_naive(chunk_bytes: int, monkeypatch) -> 
     assert (got[5] == 0).all()
 
 
+@pytest.mark.parametrize("consecutive", [False, True])
+def test_one_row_reads_its_exact_length_bit_for_bit_like_unmasked_sdpa(consecutive: bool) -> None:
+    """Single-stream decode: a group of one row reads exactly its length (no zeroed
+    padding, no mask), in place when its block ids are consecutive. The result is bit
+    for bit what SDPA gives on the sequence's own K/V with each kv head repeated for its
+    query heads (Hugging Face's decode step), and the unwritten (NaN) tail of the last
+    block is never read."""
+    import torch.nn.functional as F
+    c = _paged_case([13], [1], page=4, hkv=2, g=3, d=8)
+    bt = c["bt"]
+    if consecutive:   # move the sequence's blocks to ids 2, 3, 4, 5
+        kc, vc = c["k_cache"].clone(), c["v_cache"].clone()
+        for i, b in enumerate(bt[0, :4].tolist()):
+            kc[2 + i], vc[2 + i] = c["k_cache"][b], c["v_cache"][b]
+        c["k_cache"], c["v_cache"] = kc, vc
+        bt = bt.clone()
+        bt[0, :4] = torch.arange(2, 6, dtype=torch.int32)
+    plan = reference.decode_gather(c["seq_lens"], bt, 4)
+    assert [(g.length, g.mask, g.pad, g.first) for g in plan.groups] == [
+        (13, None, None, 2 if consecutive else -1)]
+    got = reference.decode_attention(c["q"], c["k_cache"], c["v_cache"], c["seq_lens"], bt,
+                                     c["scale"], gather=plan)
+    k = reference.gather_kv(c["k_cache"], bt[0], 13).transpose(0, 1)[None]     # [1, 2, 13, 8]
+    v = reference.gather_kv(c["v_cache"], bt[0], 13).transpose(0, 1)[None]
+    want = F.scaled_dot_product_attention(
+        c["q"][:, :, None, :], k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
+        scale=c["scale"])[:, :, 0, :]
+    assert torch.equal(got, want)
+
+
 def test_partition_trades_padding_against_call_count() -> None:
     # equal lengths: one group; a long outlier gets its own group
     assert reference._partition([4] * 10) == [(0, 10)]

@@ -200,3 +200,18 @@ def test_cpu_gemm_calibration_picks_a_plan_once_per_process(monkeypatch, tmp_pat
     x = torch.randn(5, model.config.hidden_size)
     torch.testing.assert_close(model.compute_logits(x), torch.nn.functional.linear(
         x, model.lm_head_weight()), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (7, 96), (3, 4096)])
+def test_rms_norm_fast_path_is_bit_identical(rows: int, hidden: int) -> None:
+    """fp32 on CPU, RMSNorm runs torch's rms_norm: the same result, bit for bit, as the
+    Hugging Face-order ops it replaces (the parity with HF generate depends on it)."""
+    from pdserve.model.llama import RMSNorm
+    gen = torch.Generator().manual_seed(rows)
+    norm = RMSNorm(hidden, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(hidden, generator=gen))
+    x = torch.randn(rows, hidden, generator=gen) * 3
+    with torch.no_grad():
+        want = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps))
+        assert torch.equal(norm(x), want)
