@@ -5,6 +5,7 @@ copy bandwidth measured in the same run. Explains the gap to the roofline in
 benchmarks/RESULTS.md.
 
     python benchmarks/decode_step_profile.py   (on a CUDA machine)
+    python benchmarks/decode_step_profile.py --unfused-rotary   # A/B: two kernels there
     # part e's Llama-3.2-1B shape, its batch and context, kernels profiled at bs 128
     python benchmarks/decode_step_profile.py --shape 1b --ctx 1024 --profile-bs 128
 """
@@ -14,6 +15,8 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--shape", choices=("8b", "1b"), default="8b")
 ap.add_argument("--ctx", type=int, default=512)
 ap.add_argument("--profile-bs", type=int, default=1)
+ap.add_argument("--unfused-rotary", action="store_true",
+                help="A/B: rotary and the KV write as two kernels (the layout before they were fused)")
 args = ap.parse_args()
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 from pdserve.config import ModelConfig
@@ -27,8 +30,17 @@ from pdserve.model.llama import CausalLM, allocate_kv_caches
 from pdserve.sampling.params import SamplingParams
 from pdserve.sampling.sampler import Sampler
 
+if args.unfused_rotary:
+    from pdserve.kernels import triton_fused, triton_kv
+
+    def _two_kernels(q, k, v, cos, sin, k_cache, v_cache, slot_mapping):
+        q, k = triton_fused.rotary(q, k, cos, sin)
+        triton_kv.write_kv(k, v, k_cache, v_cache, slot_mapping)
+        return q
+    triton_fused.rotary_write_kv = _two_kernels
+
 dev = torch.device("cuda")
-res = {"device": torch.cuda.get_device_name(0)}
+res = {"device": torch.cuda.get_device_name(0), "unfused_rotary": args.unfused_rotary}
 # -- copy bandwidth (read + write), 1 GiB
 x = torch.randn(1 << 29, dtype=torch.bfloat16, device=dev); y = torch.empty_like(x)
 for _ in range(3): y.copy_(x)
