@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import time
 
 from pdserve.engine.async_engine import AsyncEngine
@@ -26,6 +27,7 @@ from pdserve.profiling import ProfiledWorker
 from pdserve.protocol import sampling_params_from_proto
 from pdserve.v1 import kv_pb2, worker_pb2
 from pdserve.worker_spec import WorkerSpec
+from kv_transfer.ipc import CACHE_ID_PARAM
 from kv_transfer.layout import KVLayout
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.reservations import ReservationEntry, ReservationTable
@@ -61,6 +63,9 @@ class DecodeWorker(ProfiledWorker):
         # Attempts the router ended while their reserve() was still in flight: the
         # reservation must not be created after the abort (bounded FIFO of keys).
         self.ended: dict[str, None] = {}
+        # This process's KV cache, for the ipc transport: a restarted worker (same name)
+        # has a new cache, and P must not keep copying into the old one (kv_transfer/ipc.py)
+        self.cache_id = secrets.token_hex(8)
         mc = self.engine.model_config
         self.layout = KVLayout(mc.num_hidden_layers, self.engine.block_size,
                                mc.num_key_value_heads, mc.head_dim, self.engine.dtype)
@@ -185,6 +190,8 @@ class DecodeWorker(ProfiledWorker):
             transport=self.spec.transport, block_size=self.engine.block_size)
         if self.spec.dist.world_size > 0:
             res.transport_params["rank"] = str(self.spec.dist.rank)
+        if self.spec.transport == "ipc":   # P copies only into the cache named here
+            res.transport_params[CACHE_ID_PARAM] = self.cache_id
         return worker_pb2.ReserveReply(reservation=res,
                                        code=worker_pb2.WORKER_ERROR_NONE).SerializeToString()
 
@@ -193,7 +200,7 @@ class DecodeWorker(ProfiledWorker):
         export format, JSON). A prefill worker fetches it once, by a Ray actor lookup of
         this worker's name, when it first sees one of our reservations."""
         from kv_transfer.ipc import export_cache_handles
-        return export_cache_handles(self.engine.kv_caches)
+        return export_cache_handles(self.engine.kv_caches, self.cache_id)
 
     async def submit(self, data: bytes) -> bytes:
         """Colocated path: prefill and decode here."""

@@ -20,6 +20,13 @@ How this works
    produced kv. finish() waits for the last copy: when it returns, the KV is in D's memory.
 4. complete() sends the CompletionRecord over the control transport (gRPC Complete).
 
+A restarted D (Ray restarts a dead actor under the same name) has a new cache in a new
+process; handles P opened on the old one point at memory no D reads any more. Every
+export therefore carries the id of D's cache (a random id D draws when it starts), and
+each of D's ipc reservations names it (transport_params[CACHE_ID_PARAM]). P copies only
+into a cache whose id the reservation names: on a mismatch it fetches D's export again
+(PrefillWorker._attach_ipc) or refuses the transfer, never writing into a stale cache.
+
 What D cannot check here: no chunk passes through D's KVReceiver, so its per-chunk
 checks (attempt id, lease, block ownership) run on P instead (lease and block ids from
 the reservation), and the record carries num_chunks = 0 and kv_checksum = 0. D marks
@@ -52,6 +59,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IPC_FORMAT = "pdserve-ipc-v1"
+CACHE_ID_PARAM = "ipc_cache_id"     # Reservation.transport_params key: the cache D exported
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _BYTES_FIELDS = ("handle", "ref_counter_handle", "event_handle")
 _FIELDS = frozenset(("size", "stride", "offset", "storage_cls", "dtype", "device",
@@ -86,16 +94,17 @@ def _describe(t: Tensor) -> dict[str, Any]:
             "event_sync_required": bool(event_sync)}
 
 
-def export_cache_handles(kv_caches: Sequence[tuple[Tensor, Tensor]]) -> bytes:
+def export_cache_handles(kv_caches: Sequence[tuple[Tensor, Tensor]], cache_id: str = "") -> bytes:
     """D side: describe its CUDA KV caches for one consumer (each call takes a fresh IPC
-    ref count, so call it once per P). D keeps the caches alive while P uses them."""
+    ref count, so call it once per P). D keeps the caches alive while P uses them.
+    cache_id: this cache's id (see the module note), repeated in D's reservations."""
     if not kv_caches:
         raise ValueError("no KV caches to export")
     base = single_buffer(kv_caches)
     tensors = [base] if base is not None else [t for kv in kv_caches for t in kv]
     doc = {"format": IPC_FORMAT, "gpu_uuid": _gpu_uuid(tensors[0].device.index or 0),
            "num_layers": len(kv_caches), "single_buffer": base is not None,
-           "tensors": [_describe(t) for t in tensors]}
+           "cache_id": cache_id, "tensors": [_describe(t) for t in tensors]}
     return json.dumps(doc).encode()
 
 
@@ -111,6 +120,8 @@ def decode_handles(blob: bytes) -> dict[str, Any]:
     want = 1 if doc.get("single_buffer") else 2 * int(doc.get("num_layers", 0))
     if not isinstance(tensors, list) or not tensors or len(tensors) != want:
         raise ValueError(f"export lists {len(tensors or [])} tensors, expected {want}")
+    if not isinstance(doc.get("cache_id", ""), str):
+        raise ValueError("cache_id must be a string")
     for t in tensors:
         if not isinstance(t, dict) or not all(k in t for k in _FIELDS):
             raise ValueError(f"tensor entry lacks fields {sorted(_FIELDS)}")
@@ -144,6 +155,7 @@ class RemoteCache:
     """D's cache as seen from P. `base` [L, 2, N, bs, Hkv, D] when D exported one buffer."""
     base: Tensor | None
     layers: list[tuple[Tensor, Tensor]]
+    cache_id: str = ""
 
     @property
     def device(self) -> torch.device:
@@ -167,10 +179,57 @@ def import_cache_handles(blob: bytes) -> RemoteCache:
         raise RuntimeError("ipc transport needs CUDA")
     device = _local_index(doc["gpu_uuid"])
     tensors = [_rebuild(e, device) for e in doc["tensors"]]
+    cache_id = doc.get("cache_id", "")
     if doc["single_buffer"]:
         base = tensors[0]
-        return RemoteCache(base, [(base[l, 0], base[l, 1]) for l in range(base.shape[0])])
-    return RemoteCache(None, [(tensors[2 * l], tensors[2 * l + 1]) for l in range(doc["num_layers"])])
+        return RemoteCache(base, [(base[l, 0], base[l, 1]) for l in range(base.shape[0])], cache_id)
+    return RemoteCache(None, [(tensors[2 * l], tensors[2 * l + 1]) for l in range(doc["num_layers"])],
+                       cache_id)
+
+
+class RemoteCaches:
+    """The decode workers' caches this P has opened: one per decode worker id, the latest
+    export. get(reservation) returns the cache the reservation names, fetching D's export
+    again (`fetch`) when the open one has another cache id (D restarted)."""
+
+    def __init__(self, fetch: Callable[[worker_pb2.Reservation], RemoteCache] | None = None) -> None:
+        self._fetch = fetch
+        self._caches: dict[str, RemoteCache] = {}
+        self._lock = threading.Lock()
+
+    def attach(self, decode_worker_id: str, cache: RemoteCache) -> None:
+        """Replaces an earlier cache of that worker (its handles close once unused)."""
+        with self._lock:
+            self._caches[decode_worker_id] = cache
+
+    def cache_id(self, decode_worker_id: str) -> str | None:
+        """The id of the cache open for that worker; None if none is."""
+        with self._lock:
+            cache = self._caches.get(decode_worker_id)
+        return None if cache is None else cache.cache_id
+
+    def get(self, reservation: worker_pb2.Reservation) -> RemoteCache:
+        wid = reservation.decode_worker_id
+        want = reservation.transport_params.get(CACHE_ID_PARAM, "")
+        with self._lock:
+            cache = self._caches.get(wid)
+        if cache is not None and cache.cache_id == want:
+            return cache
+        if self._fetch is None:
+            raise TransferError(
+                f"no IPC handles for {wid!r}'s cache {want!r}"
+                + (f" (the open one is {cache.cache_id!r}: {wid} restarted?)" if cache else "")
+                + "; attach its export first", kv_pb2.KV_STATUS_UNKNOWN_RESERVATION)
+        fresh = self._fetch(reservation)
+        if fresh.cache_id != want:
+            raise TransferError(f"{wid!r} exported cache {fresh.cache_id!r}, but the reservation "
+                                f"names {want!r} (it restarted since)", kv_pb2.KV_STATUS_UNKNOWN_RESERVATION)
+        self.attach(wid, fresh)
+        return fresh
+
+    def clear(self) -> None:
+        with self._lock:
+            self._caches.clear()
 
 
 class IpcSendHandle(KVSendHandle):
@@ -234,7 +293,7 @@ class IpcSendHandle(KVSendHandle):
 class IpcTransport(KVTransport):
     """P side of the ipc transport. D's export comes from attach() (after P fetched it
     with a Ray call) or, lazily, from `fetch_handles(reservation)`; the cache is opened
-    once per decode worker id and kept until close()."""
+    once per decode worker and cache id, and kept until D's next export or close()."""
     name = "ipc"
     # A device copy of a whole prompt's KV takes microseconds: P sends it once, after
     # the forward pass, rather than one chunk per layer (16-32 gathers and copies whose
@@ -247,34 +306,30 @@ class IpcTransport(KVTransport):
             raise RuntimeError("ipc transport needs CUDA: torch.cuda.is_available() is False in "
                                "this process; use the nccl (gloo on CPU) or grpc transport")
         self._control = control
-        self._fetch = fetch_handles
-        self._caches: dict[str, RemoteCache] = {}
-        self._lock = threading.Lock()
+        self._caches = RemoteCaches(
+            None if fetch_handles is None
+            else lambda res: self._open(res.decode_worker_id, fetch_handles(res)))
+
+    @staticmethod
+    def _open(decode_worker_id: str, handles: bytes) -> RemoteCache:
+        cache = import_cache_handles(handles)
+        logger.info("opened KV cache %s of %s over CUDA IPC (%d layers, %s)", cache.cache_id,
+                    decode_worker_id, len(cache.layers), cache.device)
+        return cache
 
     def attach(self, decode_worker_id: str, handles: bytes) -> None:
-        cache = import_cache_handles(handles)
-        with self._lock:
-            self._caches[decode_worker_id] = cache
-        logger.info("opened KV cache of %s over CUDA IPC (%d layers, %s)", decode_worker_id,
-                    len(cache.layers), cache.device)
+        self._caches.attach(decode_worker_id, self._open(decode_worker_id, handles))
 
-    def _cache_for(self, reservation: worker_pb2.Reservation) -> RemoteCache:
-        with self._lock:
-            cache = self._caches.get(reservation.decode_worker_id)
-        if cache is None:
-            if self._fetch is None:
-                raise TransferError(f"no IPC handles for {reservation.decode_worker_id!r}; "
-                                    "call attach() first", kv_pb2.KV_STATUS_UNKNOWN_RESERVATION)
-            self.attach(reservation.decode_worker_id, self._fetch(reservation))
-            return self._cache_for(reservation)
-        return cache
+    def cache_id(self, decode_worker_id: str) -> str | None:
+        """The id of the cache open for that decode worker (None: none is)."""
+        return self._caches.cache_id(decode_worker_id)
 
     def open(self, reservation: worker_pb2.Reservation, request_id: str,
              attempt_id: int) -> KVSendHandle:
         if reservation.attempt_id and reservation.attempt_id != attempt_id:
             raise TransferError(f"reservation serves attempt {reservation.attempt_id}, not {attempt_id}",
                                 kv_pb2.KV_STATUS_STALE_ATTEMPT)
-        return IpcSendHandle(self._cache_for(reservation), reservation)
+        return IpcSendHandle(self._caches.get(reservation), reservation)
 
     def complete(self, reservation: worker_pb2.Reservation, record: worker_pb2.CompletionRecord,
                  timeout: float) -> kv_pb2.CompleteAck:
@@ -283,6 +338,5 @@ class IpcTransport(KVTransport):
         return self._control.complete(reservation, record, timeout)
 
     def close(self) -> None:
-        with self._lock:
-            self._caches.clear()
+        self._caches.clear()
         torch.cuda.ipc_collect()    # release the IPC ref counts D waits on

@@ -33,6 +33,7 @@ from pdserve.protocol import sampling_params_from_proto
 from pdserve.v1 import generation_pb2, kv_pb2, worker_pb2
 from pdserve.worker_spec import WorkerSpec
 from kv_transfer.base import KVSendHandle, SendSummary, TRANSPORTS, TransferError
+from kv_transfer.ipc import CACHE_ID_PARAM
 from kv_transfer.layout import KVLayout, block_index, gather_blocks, single_buffer
 from torch import Tensor
 
@@ -53,7 +54,8 @@ class PrefillWorker(ProfiledWorker):
         self.loop: asyncio.AbstractEventLoop | None = None
         self.transport = None
         self._ipc = None                                # the IpcTransport, ipc only
-        self._ipc_attach: dict[str, asyncio.Future] = {}  # decode worker id -> its attach
+        # (decode worker id, cache id) -> the fetch of that export, shared by concurrent requests
+        self._ipc_attach: dict[tuple[str, str], asyncio.Future] = {}
         # key -> (send handle, number of prompt blocks); read by the engine thread's hook
         self.exports: dict[str, tuple[KVSendHandle, int]] = {}
         self._export_index: dict[str, Tensor] = {}   # engine thread only: see _on_layer
@@ -204,7 +206,7 @@ class PrefillWorker(ProfiledWorker):
         assert self.aengine is not None and self.transport is not None
         try:
             if self._ipc is not None:
-                await self._attach_ipc(res.decode_worker_id)
+                await self._attach_ipc(res)
             handle = self.transport.open(res, task.request_id, task.attempt_id)
         except TransferError as e:
             return _reply(worker_pb2.WORKER_ERROR_TRANSFER, f"cannot reach decode worker: {e}")
@@ -283,23 +285,34 @@ class PrefillWorker(ProfiledWorker):
         record = self._record(task, out, handle.finish(timeout))
         return record, self.transport.complete(task.reservation, record, timeout)
 
-    async def _attach_ipc(self, decode_worker_id: str) -> None:
-        """ipc: open D's KV cache the first time one of its reservations arrives. D is the
-        named Ray actor `decode_worker_id` in pdserve.cluster's namespace; its
-        cache_handles() exports the cache as CUDA IPC handles. One fetch per D, shared by
-        concurrent first requests; a failed fetch is retried by the next reservation.
-        (A restarted D exports a new cache: not handled here, the stale one stays open.)"""
-        fut = self._ipc_attach.get(decode_worker_id)
+    async def _attach_ipc(self, res: worker_pb2.Reservation) -> None:
+        """ipc: open the decode worker's KV cache that the reservation names, unless it is
+        open already. D is the named Ray actor `res.decode_worker_id` in pdserve.cluster's
+        namespace; its cache_handles() exports the cache as CUDA IPC handles with the
+        cache's id. A restarted D (same name, new process, new cache) names a new id: the
+        old handles are then replaced, never written to. One fetch per (D, cache id),
+        shared by concurrent requests; a failed fetch is retried by the next reservation."""
+        assert self._ipc is not None
+        wid, want = res.decode_worker_id, res.transport_params.get(CACHE_ID_PARAM, "")
+        if self._ipc.cache_id(wid) == want:
+            return
+        key = (wid, want)
+        fut = self._ipc_attach.get(key)
         if fut is None:
-            fut = asyncio.ensure_future(self._fetch_ipc(decode_worker_id))
-            self._ipc_attach[decode_worker_id] = fut
+            fut = asyncio.ensure_future(self._fetch_ipc(wid))
+            self._ipc_attach[key] = fut
         try:
             await asyncio.shield(fut)
         except Exception as e:
-            if self._ipc_attach.get(decode_worker_id) is fut:
-                del self._ipc_attach[decode_worker_id]
-            raise TransferError(f"no KV cache handles from {decode_worker_id}: {e}",
+            raise TransferError(f"no KV cache handles from {wid}: {e}",
                                 kv_pb2.KV_STATUS_UNKNOWN_RESERVATION) from e
+        finally:
+            if self._ipc_attach.get(key) is fut and fut.done():
+                del self._ipc_attach[key]
+        got = self._ipc.cache_id(wid)
+        if got != want:
+            raise TransferError(f"{wid} exports cache {got!r}, the reservation names {want!r} "
+                                "(it restarted since)", kv_pb2.KV_STATUS_UNKNOWN_RESERVATION)
 
     async def _fetch_ipc(self, decode_worker_id: str) -> None:
         import ray

@@ -90,3 +90,79 @@ def test_export_format_is_validated() -> None:
                  b' "tensors": [{"dtype": "int64", "storage_cls": "TypedStorage"}]}'):
         with pytest.raises(ValueError):
             decode_handles(junk)
+
+
+def _restart_worker(rank: int, conn_p: mpc.Connection, conn_d: mpc.Connection) -> None:
+    """D exports its cache as "first", then a second cache as "second" (what a restarted
+    D would export); P holds the first open when a reservation names the second."""
+    from kv_transfer.ipc import CACHE_ID_PARAM, IpcTransport, export_cache_handles
+    from kv_transfer.layout import gather_blocks
+    if rank == 1:
+        first, second = _d_caches(True), _d_caches(True)
+        conn_d.send_bytes(export_cache_handles(first, "first"))
+        conn_d.send_bytes(export_cache_handles(second, "second"))
+        assert conn_d.recv_bytes() == b"copied"
+        assert torch.equal(gather_blocks(second, 0, L, D_IDS), gather_blocks(_source("cuda"), 0, L, P_IDS))
+        assert not gather_blocks(first, 0, L, list(range(N_D))).any(), "wrote into the stale cache"
+        conn_d.send_bytes(b"checked")
+        return
+    src = _source("cuda")
+    first_blob, second_blob = conn_p.recv_bytes(), conn_p.recv_bytes()
+    transport = IpcTransport(fetch_handles=lambda res: second_blob)
+    transport.attach("decode-0", first_blob)
+    assert transport.cache_id("decode-0") == "first"
+    res = worker_pb2.Reservation(reservation_id="res", decode_worker_id="decode-0",
+                                 block_ids=D_IDS, num_tokens=len(D_IDS) * BS, attempt_id=1,
+                                 block_size=BS, transport="ipc",
+                                 transport_params={CACHE_ID_PARAM: "second"},
+                                 lease_expiry_unix_ms=int(time.time() * 1000) + 60_000)
+    handle = transport.open(res, "req", 1)
+    assert transport.cache_id("decode-0") == "second"
+    handle.send(0, L, gather_blocks(src, 0, L, P_IDS))
+    handle.finish(timeout=10.0)
+    conn_p.send_bytes(b"copied")
+    assert conn_p.recv_bytes() == b"checked"
+    transport.close()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.timeout(120)
+def test_a_reservation_naming_a_new_cache_never_writes_into_the_old_one() -> None:
+    ctx = mp.get_context("spawn")
+    p_end, d_end = ctx.Pipe()
+    mp.start_processes(_restart_worker, args=(p_end, d_end), nprocs=2, start_method="spawn")
+
+
+def test_a_restarted_decode_worker_is_never_written_through_stale_handles() -> None:
+    """P's table of opened caches (CPU stand-ins for D's tensors): a reservation naming
+    another cache id than the open one (D restarted under the same name) gets D's export
+    fetched again; with no way to fetch, or when D has moved on again, it is refused."""
+    from kv_transfer.base import TransferError
+    from kv_transfer.ipc import CACHE_ID_PARAM, RemoteCache, RemoteCaches
+
+    def cache(cache_id: str) -> RemoteCache:
+        return RemoteCache(None, [(torch.zeros(2, 4), torch.zeros(2, 4))], cache_id)
+
+    def res(cache_id: str) -> worker_pb2.Reservation:
+        return worker_pb2.Reservation(reservation_id=cache_id, decode_worker_id="decode-0",
+                                      transport_params={CACHE_ID_PARAM: cache_id})
+    old, new = cache("old"), cache("new")
+    fetched: list[str] = []
+
+    def fetch(r: worker_pb2.Reservation) -> RemoteCache:
+        fetched.append(r.reservation_id)
+        return new
+    caches = RemoteCaches(fetch)
+    caches.attach("decode-0", old)
+    assert caches.get(res("old")) is old and fetched == []
+    assert caches.get(res("new")) is new and fetched == ["new"]
+    assert caches.cache_id("decode-0") == "new" and caches.get(res("new")) is new
+    with pytest.raises(TransferError, match="restarted"):
+        caches.get(res("newer"))          # the export fetched is not the one named
+    assert caches.cache_id("decode-0") == "new"
+    bare = RemoteCaches()
+    bare.attach("decode-0", old)
+    with pytest.raises(TransferError, match="restarted"):
+        bare.get(res("new"))
+    assert bare.cache_id("unknown") is None
