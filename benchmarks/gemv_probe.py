@@ -6,8 +6,9 @@ tile configurations, on one GPU, in one run. The answer (benchmarks/RESULTS.md):
 is faster at every shape, so pdserve keeps it.
 
 Each case is timed as a CUDA graph of back-to-back calls over rotating weight copies
-(>= 256 MiB in all, so the 50 MiB L2 cannot hold them): the per-call time includes the
-gap between kernels, as in a decode step's graph. It also lists the kernels cuBLAS
+(>= 256 MiB in all, so the 50 MiB L2 cannot hold them), as the suite's part b times its
+cases (gpu_suite_parts.per_call_ms): the per-call time includes the gap between kernels,
+as in a decode step's graph. It also lists the kernels cuBLAS
 launches for each shape (split-K shows as a second, reduce kernel).
 
     python benchmarks/gemv_probe.py [--rows 1,4] [--out OUT.json]
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))     # gpu_suite_parts
 
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
@@ -89,29 +91,13 @@ def gemv(x: Tensor, weight: Tensor, silu_mul: bool = False, block_n: int = 16,
     return out
 
 
-def graph_us(fns: list, reps: int = 20) -> float:
+def graph_us(fns: list) -> float:
     """Per-call µs of the calls in `fns`, captured back to back in one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        best = min(best, a.elapsed_time(b) * 1e3 / len(fns))
-    return best
+    from gpu_suite_parts import per_call_ms
+    ms, how = per_call_ms(fns, torch.device("cuda"))
+    if how != "cuda_graph":
+        raise RuntimeError("graph capture failed; these timings need it")
+    return ms * 1e3
 
 
 def cublas_kernels(x: torch.Tensor, w: torch.Tensor) -> list[str]:

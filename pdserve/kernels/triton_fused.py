@@ -130,11 +130,14 @@ def _rotate_row(base, obase, cos_row, sin_row, HALF: tl.constexpr, BLOCK: tl.con
 
 
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
-                   stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_kot,
-                   stride_ct, NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   HALF: tl.constexpr, BLOCK: tl.constexpr):
-    # one launch for q and k: heads [0, Hq) are q's, [Hq, Hq + Hkv) k's
+def _rotary_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, vc_ptr, slot_ptr,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                   stride_qot, stride_kot, stride_ct, stride_cb, stride_cs, stride_ch,
+                   NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+                   BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+                   TO_CACHE: tl.constexpr):
+    # One launch for q and k: heads [0, Hq) rotate q into qo, [Hq, Hq + Hkv) rotate k into
+    # ko ([T, Hkv, D]) or, TO_CACHE, into its cache slot, v's row copied beside it.
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     cos_row = cos_ptr + tok * stride_ct
@@ -144,8 +147,20 @@ def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
                     qo_ptr + tok * stride_qot + head * HEAD_DIM, cos_row, sin_row, HALF, BLOCK)
     else:
         kh = head - NUM_Q_HEADS
-        _rotate_row(k_ptr + tok * stride_kt + kh * stride_kh,
-                    ko_ptr + tok * stride_kot + kh * HEAD_DIM, cos_row, sin_row, HALF, BLOCK)
+        k_row = k_ptr + tok * stride_kt + kh * stride_kh
+        if TO_CACHE:
+            # int64 slot: block * stride_cb overflows int32 past 2**31 cache elements
+            slot = tl.load(slot_ptr + tok).to(tl.int64)
+            if slot >= 0:   # a negative slot is a padding token: nothing to write
+                dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + kh * stride_ch
+                _rotate_row(k_row, ko_ptr + dst, cos_row, sin_row, HALF, BLOCK)
+                d = tl.arange(0, BLOCK_D)
+                mask = d < HEAD_DIM
+                row = tl.load(v_ptr + tok * stride_vt + kh * stride_vh + d, mask=mask)
+                tl.store(vc_ptr + dst + d, row.to(vc_ptr.dtype.element_ty), mask=mask)
+        else:
+            _rotate_row(k_row, ko_ptr + tok * stride_kot + kh * HEAD_DIM, cos_row, sin_row,
+                        HALF, BLOCK)
 
 
 def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
@@ -160,40 +175,13 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tens
     hkv = k.shape[1]
     q_out = torch.empty(T, hq, d, dtype=q.dtype, device=q.device)
     k_out = torch.empty(T, hkv, d, dtype=k.dtype, device=k.device)
-    if T:
+    if T:   # v, the value cache and the slots are unused without TO_CACHE
         _rotary_kernel[(T, hq + hkv)](
-            q, k, cos, sin, q_out, k_out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-            q_out.stride(0), k_out.stride(0), cos.stride(0), NUM_Q_HEADS=hq, HEAD_DIM=d,
-            HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2))
+            q, k, k, cos, sin, q_out, k_out, k_out, q, q.stride(0), q.stride(1), k.stride(0),
+            k.stride(1), 0, 0, q_out.stride(0), k_out.stride(0), cos.stride(0), 0, 0, 0,
+            NUM_Q_HEADS=hq, HEAD_DIM=d, HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2),
+            BLOCK_D=triton.next_power_of_2(d), PAGE=1, TO_CACHE=False)
     return q_out, k_out
-
-
-@triton.jit
-def _rotary_kv_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
-                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                      stride_qot, stride_ct, stride_cb, stride_cs, stride_ch,
-                      NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-                      BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr):
-    # heads [0, Hq): rotate q into qo; [Hq, Hq + Hkv): rotate k and copy v into the cache
-    tok = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    cos_row = cos_ptr + tok * stride_ct
-    sin_row = sin_ptr + tok * stride_ct
-    if head < NUM_Q_HEADS:
-        _rotate_row(q_ptr + tok * stride_qt + head * stride_qh,
-                    qo_ptr + tok * stride_qot + head * HEAD_DIM, cos_row, sin_row, HALF, BLOCK)
-    else:
-        kh = head - NUM_Q_HEADS
-        # int64 slot: block * stride_cb overflows int32 past 2**31 cache elements
-        slot = tl.load(slot_ptr + tok).to(tl.int64)
-        if slot >= 0:   # a negative slot is a padding token: nothing to write
-            dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_cs + kh * stride_ch
-            _rotate_row(k_ptr + tok * stride_kt + kh * stride_kh, kc_ptr + dst, cos_row,
-                        sin_row, HALF, BLOCK)
-            d = tl.arange(0, BLOCK_D)
-            mask = d < HEAD_DIM
-            row = tl.load(v_ptr + tok * stride_vt + kh * stride_vh + d, mask=mask)
-            tl.store(vc_ptr + dst + d, row.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
 def rotary_write_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
@@ -219,11 +207,11 @@ def rotary_write_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
         raise ValueError(f"slot_mapping must be [{T}] int64")
     q_out = torch.empty(T, hq, d, dtype=q.dtype, device=q.device)
     if T:
-        _rotary_kv_kernel[(T, hq + hkv)](
+        _rotary_kernel[(T, hq + hkv)](
             q, k, v, cos, sin, q_out, k_cache, v_cache, slot_mapping.contiguous(),
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            q_out.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1),
+            q_out.stride(0), 0, cos.stride(0), k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), NUM_Q_HEADS=hq, HEAD_DIM=d, HALF=d // 2,
             BLOCK=triton.next_power_of_2(d // 2), BLOCK_D=triton.next_power_of_2(d),
-            PAGE=k_cache.shape[1])
+            PAGE=k_cache.shape[1], TO_CACHE=True)
     return q_out

@@ -34,6 +34,13 @@ def _d_caches(single_buffer: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
              torch.zeros(N_D, BS, H, D, dtype=DTYPE, device="cuda")) for _ in range(L)]
 
 
+def _reservation(**extra) -> worker_pb2.Reservation:
+    return worker_pb2.Reservation(reservation_id="res", decode_worker_id="decode-0",
+                                  block_ids=D_IDS, num_tokens=len(D_IDS) * BS, attempt_id=1,
+                                  block_size=BS, transport="ipc",
+                                  lease_expiry_unix_ms=int(time.time() * 1000) + 60_000, **extra)
+
+
 def _worker(rank: int, conn_p: mpc.Connection, conn_d: mpc.Connection) -> None:
     from kv_transfer.ipc import IpcTransport, export_cache_handles
     from kv_transfer.layout import gather_blocks
@@ -53,11 +60,7 @@ def _worker(rank: int, conn_p: mpc.Connection, conn_d: mpc.Connection) -> None:
     for single in (True, False):
         transport = IpcTransport()
         transport.attach("decode-0", conn_p.recv_bytes())
-        res = worker_pb2.Reservation(reservation_id="res", decode_worker_id="decode-0",
-                                     block_ids=D_IDS, num_tokens=len(D_IDS) * BS, attempt_id=1,
-                                     block_size=BS, transport="ipc",
-                                     lease_expiry_unix_ms=int(time.time() * 1000) + 60_000)
-        handle = transport.open(res, "req", 1)
+        handle = transport.open(_reservation(), "req", 1)
         for ls, le in SPLITS:
             handle.send(ls, le, gather_blocks(src, ls, le, P_IDS))
         summary = handle.finish(timeout=10.0)
@@ -111,12 +114,7 @@ def _restart_worker(rank: int, conn_p: mpc.Connection, conn_d: mpc.Connection) -
     transport = IpcTransport(fetch_handles=lambda res: second_blob)
     transport.attach("decode-0", first_blob)
     assert transport.cache_id("decode-0") == "first"
-    res = worker_pb2.Reservation(reservation_id="res", decode_worker_id="decode-0",
-                                 block_ids=D_IDS, num_tokens=len(D_IDS) * BS, attempt_id=1,
-                                 block_size=BS, transport="ipc",
-                                 transport_params={CACHE_ID_PARAM: "second"},
-                                 lease_expiry_unix_ms=int(time.time() * 1000) + 60_000)
-    handle = transport.open(res, "req", 1)
+    handle = transport.open(_reservation(transport_params={CACHE_ID_PARAM: "second"}), "req", 1)
     assert transport.cache_id("decode-0") == "second"
     handle.send(0, L, gather_blocks(src, 0, L, P_IDS))
     handle.finish(timeout=10.0)
