@@ -65,18 +65,27 @@ def _worker(rank: int, conn_p: mpc.Connection, conn_d: mpc.Connection) -> None:
             handle.send(ls, le, gather_blocks(src, ls, le, P_IDS))
         summary = handle.finish(timeout=10.0)
         assert summary.num_bytes == L * 2 * len(D_IDS) * BS * H * D * 2
-        conn_p.send_bytes(b"copied")
-        assert conn_p.recv_bytes() == b"checked"
-        transport.close()
+        _p_done(conn_p, transport)
+
+
+def _p_done(conn_p: mpc.Connection, transport) -> None:   # type: ignore[no-untyped-def]
+    """P's end of a round: tell D the copy is done, wait for D's check, close."""
+    conn_p.send_bytes(b"copied")
+    assert conn_p.recv_bytes() == b"checked"
+    transport.close()
 
 
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.timeout(120)
 def test_two_processes_one_gpu_copy_into_d_blocks() -> None:
-    ctx = mp.get_context("spawn")
-    p_end, d_end = ctx.Pipe()
-    mp.start_processes(_worker, args=(p_end, d_end), nprocs=2, start_method="spawn")
+    _run_pair(_worker)
+
+
+def _run_pair(worker) -> None:   # type: ignore[no-untyped-def]
+    """worker(rank, p's end, d's end) in two spawned processes: rank 0 is P, rank 1 D."""
+    p_end, d_end = mp.get_context("spawn").Pipe()
+    mp.start_processes(worker, args=(p_end, d_end), nprocs=2, start_method="spawn")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
@@ -118,18 +127,14 @@ def _restart_worker(rank: int, conn_p: mpc.Connection, conn_d: mpc.Connection) -
     assert transport.cache_id("decode-0") == "second"
     handle.send(0, L, gather_blocks(src, 0, L, P_IDS))
     handle.finish(timeout=10.0)
-    conn_p.send_bytes(b"copied")
-    assert conn_p.recv_bytes() == b"checked"
-    transport.close()
+    _p_done(conn_p, transport)
 
 
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.timeout(120)
 def test_a_reservation_naming_a_new_cache_never_writes_into_the_old_one() -> None:
-    ctx = mp.get_context("spawn")
-    p_end, d_end = ctx.Pipe()
-    mp.start_processes(_restart_worker, args=(p_end, d_end), nprocs=2, start_method="spawn")
+    _run_pair(_restart_worker)
 
 
 def test_a_restarted_decode_worker_is_never_written_through_stale_handles() -> None:
