@@ -87,15 +87,22 @@ class DecodeWorker(ProfiledWorker):
         self.dist_listener = None
         self.draining = False
         self._tasks: list[asyncio.Task] = []
+        self._starting: asyncio.Future | None = None     # start()'s one run (see start)
         # router id -> last poll (monotonic). A router that stops polling is gone: its
         # requests are orphans and are ended here (ROUTER_GONE_S after its last poll).
         self.last_poll: dict[str, float] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> bytes:
-        """Idempotent: the router calls it again after a restart to re-attach."""
-        if self.aengine is not None:
-            return self.info().SerializeToString()
+        """Idempotent: the router calls it again after a restart to re-attach. A call made
+        while the first one is still starting (with nccl, start joins the process group)
+        waits for it: the worker never reports itself started before it is."""
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._starting)
+        return self.info().SerializeToString()
+
+    async def _start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.aengine = AsyncEngine(self.engine, on_fatal=self._fatal, sink=self._sink)
         self.aengine.start()
@@ -120,7 +127,6 @@ class DecodeWorker(ProfiledWorker):
             self.metrics_endpoint = serve_worker_metrics(
                 self.spec.worker_id, "decode", self.spec.model_name, self.engine, host,
                 self.spec.metrics_port, lambda: {"kv_reservations_open": float(len(self.table))})
-        return self.info().SerializeToString()
 
     def info(self) -> worker_pb2.WorkerInfo:
         return worker_pb2.WorkerInfo(

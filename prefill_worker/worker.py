@@ -64,6 +64,7 @@ class PrefillWorker(ProfiledWorker):
         self.first: dict[str, asyncio.Future] = {}
         self.draining = False
         self.fault_plan = None
+        self._starting: asyncio.Future | None = None     # start()'s one run (see start)
         # Phase gates (tests and fault drills): awaited as gate(phase, request_key) at
         # "admitted", "first_token" (KV pushed or in flight), "kv_sent" (all chunks
         # acknowledged, before the completion record) and "completed". A test places a
@@ -71,9 +72,12 @@ class PrefillWorker(ProfiledWorker):
         self.gate: Callable[[str, str], Awaitable[None]] | None = None
 
     async def start(self, local_receivers: dict | None = None) -> bytes:
-        """Idempotent: the router calls it again after a restart to re-attach."""
-        if self.aengine is None:
-            await self._start(local_receivers)
+        """Idempotent: the router calls it again after a restart to re-attach. A call made
+        while the first one is still starting (with nccl, start joins the process group)
+        waits for it: the worker never reports itself started before it is."""
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._start(local_receivers))
+        await asyncio.shield(self._starting)
         return self._info.SerializeToString()
 
     async def _start(self, local_receivers: dict | None) -> None:

@@ -56,6 +56,9 @@ class RouterConfig:
     prefill_timeout_s: float = 600.0     # backstop for one prefill call; a stalled or dead
                                          # P is detected sooner by its failing health checks
     load_interval_s: float = 0.25
+    reattach_timeout_s: float = 30.0     # a restarted worker's start(); one that cannot
+                                         # finish (an nccl worker cannot rejoin its process
+                                         # group) stays out of rotation and is tried again
     block_size: int = 16
     max_model_len: int = 8192
     transport: str = "grpc"              # for metrics/logs; the workers hold the real one
@@ -100,6 +103,7 @@ class _Worker:
     view: WorkerView
     client: PrefillClient | DecodeClient
     info: worker_pb2.WorkerInfo | None = None
+    reattach: asyncio.Task | None = None     # a restarted prefill worker's start() in flight
 
 
 @dataclass
@@ -488,13 +492,24 @@ class Router:
         # Wait for Ray to restart it, then re-attach (start() is idempotent).
         while not self._stopping:
             await asyncio.sleep(0.5)
-            try:
-                w.info = worker_pb2.WorkerInfo.FromString(await w.client.start())
+            if await self._reattach(w):
                 w.view.healthy = True
                 logger.info("decode worker %s is back", wid)
                 return
-            except Exception:  # noqa: BLE001
-                continue
+
+    async def _reattach(self, w: _Worker) -> bool:
+        """start() on a worker that came back (idempotent there), bounded by
+        reattach_timeout_s. False: it is not started (yet); the caller tries again later."""
+        try:
+            w.info = worker_pb2.WorkerInfo.FromString(
+                await asyncio.wait_for(w.client.start(), self.config.reattach_timeout_s))
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure means: not back yet
+            logger.warning("worker %s did not re-attach: %s", w.view.worker_id,
+                           e or type(e).__name__)
+            return False
 
     async def _lease_loop(self) -> None:
         """Heartbeat (every lease/6) for the reservations of attempts still in prefill."""
@@ -527,10 +542,20 @@ class Router:
                     w.view.healthy = False
                 return
             if is_prefill and not w.view.healthy:
-                # A restarted prefill worker: re-run its start() before sending work.
-                try:
-                    w.info = worker_pb2.WorkerInfo.FromString(await w.client.start())
-                except Exception:  # noqa: BLE001
+                # A restarted prefill worker: re-run its start() before sending work. In
+                # its own task: one worker slow to start must not hold up every
+                # worker's loads (this refresh runs every load_interval_s).
+                if w.reattach is None:
+                    w.reattach = asyncio.ensure_future(self._reattach(w))
+                    self._tasks.append(w.reattach)
+                    w.reattach.add_done_callback(self._forget)
+                if not w.reattach.done():
+                    return
+                if w.reattach.cancelled():      # the router is stopping
+                    w.reattach = None
+                    return
+                attached, w.reattach = w.reattach.result(), None
+                if not attached:
                     return
             w.view.num_running, w.view.num_waiting = ld.num_running, ld.num_waiting
             w.view.kv_blocks_free, w.view.kv_blocks_total = ld.kv_blocks_free, ld.kv_blocks_total
