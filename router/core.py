@@ -508,7 +508,7 @@ class Router:
             raise
         except Exception as e:  # noqa: BLE001 - any failure means: not back yet
             logger.warning("worker %s did not re-attach: %s", w.view.worker_id,
-                           e or type(e).__name__)
+                           str(e) or type(e).__name__)
             return False
 
     async def _lease_loop(self) -> None:
