@@ -294,7 +294,8 @@ class PrefillWorker(ProfiledWorker):
         open already. D is the named Ray actor `res.decode_worker_id` in pdserve.cluster's
         namespace; its cache_handles() exports the cache as CUDA IPC handles with the
         cache's id. A restarted D (same name, new process, new cache) names a new id: the
-        old handles are then replaced, never written to. One fetch per (D, cache id),
+        old handles are then replaced, never written to (should D have restarted again
+        since, transport.open() refuses the reservation). One fetch per (D, cache id),
         shared by concurrent requests; a failed fetch is retried by the next reservation."""
         assert self._ipc is not None
         wid, want = res.decode_worker_id, res.transport_params.get(CACHE_ID_PARAM, "")
@@ -313,10 +314,6 @@ class PrefillWorker(ProfiledWorker):
         finally:
             if self._ipc_attach.get(key) is fut and fut.done():
                 del self._ipc_attach[key]
-        got = self._ipc.cache_id(wid)
-        if got != want:
-            raise TransferError(f"{wid} exports cache {got!r}, the reservation names {want!r} "
-                                "(it restarted since)", kv_pb2.KV_STATUS_UNKNOWN_RESERVATION)
 
     async def _fetch_ipc(self, decode_worker_id: str) -> None:
         import ray
