@@ -3,7 +3,10 @@ into the decode worker's reserved blocks while later layers still compute.
 
 One request (one attempt):
 
-    prefill(task) ─ open a send handle to D (task.reservation)
+    prefill(task) ─ open a send handle to D (task.reservation), or, with
+                    reservation_follows, a DeferredSendHandle that keeps the KV until
+                    attach_reservation() brings the reservation (the router asks D for
+                    it while this worker computes)
                   ─ engine.add_request(prefill_only)           ┐ engine thread
                       step: layer l writes K/V → hook gathers   │ (batched with
                       the request's blocks of layer l → send()  │  other prompts)
@@ -33,6 +36,7 @@ from pdserve.protocol import sampling_params_from_proto
 from pdserve.v1 import generation_pb2, kv_pb2, worker_pb2
 from pdserve.worker_spec import WorkerSpec
 from kv_transfer.base import KVSendHandle, SendSummary, TRANSPORTS, TransferError
+from kv_transfer.deferred import DeferredSendHandle
 from kv_transfer.ipc import CACHE_ID_PARAM
 from kv_transfer.layout import KVLayout, block_index, gather_blocks, single_buffer
 from torch import Tensor
@@ -40,6 +44,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 PREFILL_WAIT_MAX_S = 600.0    # backstop for a request without a deadline
+EARLY_ATTACH_MAX = 1024       # reservations that arrived before their task (bounded)
 
 
 class PrefillWorker(ProfiledWorker):
@@ -58,6 +63,8 @@ class PrefillWorker(ProfiledWorker):
         self._ipc_attach: dict[tuple[str, str], asyncio.Future] = {}
         # key -> (send handle, number of prompt blocks); read by the engine thread's hook
         self.exports: dict[str, tuple[KVSendHandle, int]] = {}
+        # key -> a reservation whose AttachReservation overtook its PrefillTask
+        self._early_res: dict[str, worker_pb2.Reservation] = {}
         self._export_index: dict[str, Tensor] = {}   # engine thread only: see _on_layer
         self._kv_base = single_buffer(self.engine.kv_caches)   # one gather per send
         self._layerwise = True   # set with the export hook, from the transport, in _start
@@ -200,23 +207,27 @@ class PrefillWorker(ProfiledWorker):
             params = sampling_params_from_proto(task.sampling, 16)
         except ValueError as e:
             return _reply(worker_pb2.WORKER_ERROR_INVALID, str(e))
-        if res.compat_hash != self.compat_hash:
-            return _reply(worker_pb2.WORKER_ERROR_TRANSFER,
-                          "decode worker's KV layout is incompatible with this prefill worker")
         nblocks = -(-len(prompt) // self.engine.block_size)
-        if len(res.block_ids) != nblocks:
-            return _reply(worker_pb2.WORKER_ERROR_INVALID,
-                          f"reservation has {len(res.block_ids)} blocks, prompt needs {nblocks}")
         assert self.aengine is not None and self.transport is not None
-        try:
-            if self._ipc is not None:
-                await self._attach_ipc(res)
-            handle = self.transport.open(res, task.request_id, task.attempt_id)
-        except TransferError as e:
-            return _reply(worker_pb2.WORKER_ERROR_TRANSFER, f"cannot reach decode worker: {e}")
+        handle: KVSendHandle
+        if task.reservation_follows:
+            handle = DeferredSendHandle()
+        else:
+            bad = self._unusable(res, nblocks)
+            if bad is not None:
+                return _reply(*bad)
+            try:
+                if self._ipc is not None:
+                    await self._attach_ipc(res)
+                handle = self.transport.open(res, task.request_id, task.attempt_id)
+            except TransferError as e:
+                return _reply(worker_pb2.WORKER_ERROR_TRANSFER, f"cannot reach decode worker: {e}")
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self.first[key] = fut
         self.exports[key] = (handle, nblocks)
+        early = self._early_res.pop(key, None)
+        if early is not None:
+            asyncio.ensure_future(self._bind(key, early))
         try:
             try:
                 self.aengine.add_request(key, prompt, params, prefill_only=True)
@@ -252,7 +263,8 @@ class PrefillWorker(ProfiledWorker):
                 else:   # tests and drills: a gate between the last chunk and Complete
                     summary = await asyncio.to_thread(handle.finish, tmo)
                     await self._gate("kv_sent", key)
-                    record = self._record(task, out, summary)
+                    res = _reservation(handle, task)
+                    record = self._record(task, res, out, summary)
                     ack = await asyncio.to_thread(self.transport.complete, res, record, tmo)
             except TransferError as e:
                 return _reply(worker_pb2.WORKER_ERROR_TRANSFER, f"KV transfer failed: {e}")
@@ -267,12 +279,60 @@ class PrefillWorker(ProfiledWorker):
         finally:
             self.first.pop(key, None)
             self.exports.pop(key, None)
+            self._early_res.pop(key, None)
 
-    def _record(self, task: worker_pb2.PrefillTask, out: RequestOutput,
-                summary: SendSummary) -> worker_pb2.CompletionRecord:
+    def _unusable(self, res: worker_pb2.Reservation, nblocks: int) -> tuple[int, str] | None:
+        """Why this worker cannot push a prompt of `nblocks` blocks into `res`, or None."""
+        if res.compat_hash != self.compat_hash:
+            return (worker_pb2.WORKER_ERROR_TRANSFER,
+                    "decode worker's KV layout is incompatible with this prefill worker")
+        if len(res.block_ids) != nblocks:
+            return (worker_pb2.WORKER_ERROR_INVALID,
+                    f"reservation has {len(res.block_ids)} blocks, prompt needs {nblocks}")
+        return None
+
+    async def attach_reservation(self, data: bytes) -> None:
+        """The reservation of a task sent with reservation_follows. The KV kept so far
+        goes to D now; the rest goes as the forward pass produces it. A reservation
+        this worker cannot use fails the attempt (its prefill() reply says why)."""
+        msg = worker_pb2.AttachReservation.FromString(data)
+        key = f"{msg.request_id}/{msg.attempt_id}"
+        if key not in self.exports:
+            # Sent after the task, but calls to an actor may start out of order.
+            self._early_res[key] = msg.reservation
+            while len(self._early_res) > EARLY_ATTACH_MAX:
+                self._early_res.pop(next(iter(self._early_res)))
+            return
+        await self._bind(key, msg.reservation)
+
+    async def _bind(self, key: str, res: worker_pb2.Reservation) -> None:
+        exp = self.exports.get(key)
+        if exp is None or not isinstance(exp[0], DeferredSendHandle) or exp[0].bound:
+            return
+        handle, nblocks = exp
+        bad = self._unusable(res, nblocks)
+        if bad is not None:
+            handle.fail(TransferError(bad[1], kv_pb2.KV_STATUS_INCOMPATIBLE))
+            return
+        request_id, attempt = key.rsplit("/", 1)
+        assert self.transport is not None
+        try:
+            if self._ipc is not None:
+                await self._attach_ipc(res)
+            real = self.transport.open(res, request_id, int(attempt))
+        except TransferError as e:
+            handle.fail(TransferError(f"cannot reach decode worker: {e}", e.code))
+            return
+        if self.exports.get(key) is not exp:     # the attempt ended while we opened it
+            real.abort()
+            return
+        handle.bind(real, res)
+
+    def _record(self, task: worker_pb2.PrefillTask, res: worker_pb2.Reservation,
+                out: RequestOutput, summary: SendSummary) -> worker_pb2.CompletionRecord:
         record = worker_pb2.CompletionRecord(
             request_id=task.request_id, attempt_id=task.attempt_id,
-            reservation_id=task.reservation.reservation_id, first_token_id=out.new_token_ids[0],
+            reservation_id=res.reservation_id, first_token_id=out.new_token_ids[0],
             num_prompt_tokens=len(task.prompt_token_ids), num_cached_tokens=out.num_cached_tokens,
             kv_checksum=summary.checksum, num_chunks=summary.num_chunks,
             kv_bytes=summary.num_bytes, prefill_worker_id=self.spec.worker_id)
@@ -286,8 +346,10 @@ class PrefillWorker(ProfiledWorker):
     def _hand_off(self, handle: KVSendHandle, task: worker_pb2.PrefillTask, out: RequestOutput,
                   timeout: float) -> tuple[worker_pb2.CompletionRecord, kv_pb2.CompleteAck]:
         """On a worker thread: wait for the last chunk, then send the completion record."""
-        record = self._record(task, out, handle.finish(timeout))
-        return record, self.transport.complete(task.reservation, record, timeout)
+        summary = handle.finish(timeout)
+        res = _reservation(handle, task)
+        record = self._record(task, res, out, summary)
+        return record, self.transport.complete(res, record, timeout)
 
     async def _attach_ipc(self, res: worker_pb2.Reservation) -> None:
         """ipc: open the decode worker's KV cache that the reservation names, unless it is
@@ -357,6 +419,15 @@ class PrefillWorker(ProfiledWorker):
         if task.deadline_unix_ms:
             return max(0.01, min(default, task.deadline_unix_ms / 1000 - time.time()))
         return default
+
+
+def _reservation(handle: KVSendHandle, task: worker_pb2.PrefillTask) -> worker_pb2.Reservation:
+    """The reservation an attempt's KV went to: the task's, or the one attached later
+    (set once a DeferredSendHandle's finish() succeeded)."""
+    if isinstance(handle, DeferredSendHandle):
+        assert handle.reservation is not None
+        return handle.reservation
+    return task.reservation
 
 
 def _reply(code: int, message: str) -> bytes:

@@ -68,3 +68,6 @@ class DecodeClient(WorkerClient):
 class PrefillClient(WorkerClient):
     async def prefill(self, data: bytes) -> bytes:
         return await self._call(self.target.prefill, data)
+
+    async def attach_reservation(self, data: bytes) -> None:
+        await self._call(self.target.attach_reservation, data)

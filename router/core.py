@@ -6,6 +6,9 @@ How a request flows (disaggregated; see DESIGN "Request lifecycle"):
     for attempt in 1..1+max_retries:
         D = decode policy (kv_free)          → D.reserve(prompt, sampling) → Reservation
         P = prefill policy (prefix_aware...) → P.prefill(task with Reservation)
+              (overlap_reserve, when some D has room: both calls at once, and the
+              Reservation follows the task in P.attach_reservation; P keeps its KV
+              until then, so the reserve round trip is off the time to first token)
               P computes, streams KV into D's blocks, sends the completion record;
               D starts decoding; its outputs reach us through D.poll() (one call per
               poll for all our requests on D), tagged with the attempt id
@@ -53,6 +56,7 @@ class RouterConfig:
     max_retries: int = 1                 # re-prefills on another P, only before any token
     lease_ms: int = 30_000
     reserve_wait_s: float = 5.0          # how long to wait for KV blocks on some D
+    overlap_reserve: bool = True         # P starts computing while D reserves (see above)
     prefill_timeout_s: float = 600.0     # backstop for one prefill call; a stalled or dead
                                          # P is detected sooner by its failing health checks
     load_interval_s: float = 0.25
@@ -236,7 +240,14 @@ class Router:
         prefill = [w for k, w in self.prefill.items() if w.view.healthy and k not in tried_p]
         colocated = (self.config.mode == "colocated" or not prefill
                      or len(inp.prompt_token_ids) < self.config.disagg_threshold)
-        d = await self._reserve_or_submit(state, inp, sampling, deadline_ms, colocated, tried_d)
+        # The reservation follows the task when some decode worker seems to have room;
+        # otherwise reserve first (waiting for blocks), so P never holds KV for long.
+        overlap = (not colocated and self.config.overlap_reserve
+                   and self._decode_has_room(inp, tried_d))
+        d = None
+        if not overlap:
+            d = await self._reserve_or_submit(state, inp, sampling, deadline_ms, colocated,
+                                              tried_d)
         state.rec.dispatched_at = time.monotonic()
         state.rec.prefill_done_at = None   # this attempt's legs only
         m = self.metrics
@@ -248,19 +259,24 @@ class Router:
             self.events["colocated"] += 1
             return
         self.events["disaggregated"] += 1
-        res = d  # the Reservation
         p = self.prefill_policy.pick([w.view for w in prefill], inp.prompt_token_ids)
         pw = self.prefill[p.worker_id]
         state.prefill_id = p.worker_id
         state.rec.workers.append(p.worker_id)
         task = worker_pb2.PrefillTask(request_id=rid, attempt_id=state.attempt,
                                       prompt_token_ids=inp.prompt_token_ids, sampling=sampling,
-                                      reservation=res, deadline_unix_ms=deadline_ms)
+                                      deadline_unix_ms=deadline_ms)
+        if overlap:
+            task.reservation_follows = True
+            call = self._prefill_overlapped(state, inp, sampling, deadline_ms, tried_d, pw,
+                                            task.SerializeToString())
+        else:
+            task.reservation.CopyFrom(d)
+            call = self._watch_prefill(pw, task.SerializeToString())
         pw.view.inflight += 1
         state.prefilling = True
         try:
-            reply = worker_pb2.PrefillReply.FromString(await self._with_deadline(
-                self._watch_prefill(pw, task.SerializeToString()), inp))
+            reply = worker_pb2.PrefillReply.FromString(await self._with_deadline(call, inp))
         except _Stalled as e:
             tried_p.add(p.worker_id)
             self.events["transfer_failures"] += 1
@@ -292,6 +308,29 @@ class Router:
             self.events["transfer_failures"] += 1
             raise _Retry("unavailable", reply.error or "prefill failed")
         state.cached_tokens = reply.record.num_cached_tokens
+
+    def _decode_has_room(self, inp: GenerateInput, tried_d: set[str]) -> bool:
+        need = -(-len(inp.prompt_token_ids) // self.config.block_size)
+        return any(w.view.healthy and k not in tried_d and w.view.kv_blocks_free >= need
+                   for k, w in self.decode.items())
+
+    async def _prefill_overlapped(self, state: _State, inp: GenerateInput, sampling,
+                                  deadline_ms: int, tried_d: set[str], pw: _Worker,
+                                  data: bytes) -> bytes:
+        """The prefill call (a task with reservation_follows) and D's reserve at once;
+        the reservation goes to P as soon as D grants it. A failed reserve raises as in
+        the serial path; the caller's abort of the attempt then stops P too."""
+        call = asyncio.ensure_future(self._watch_prefill(pw, data))
+        try:
+            res = await self._reserve_or_submit(state, inp, sampling, deadline_ms, False, tried_d)
+            if not call.done():      # else P already answered (an error): its reply says why
+                msg = worker_pb2.AttachReservation(request_id=state.rec.request_id,
+                                                   attempt_id=state.attempt, reservation=res)
+                await pw.client.attach_reservation(msg.SerializeToString())
+            return await call
+        finally:
+            if not call.done():
+                call.cancel()
 
     async def _watch_prefill(self, pw: _Worker, data: bytes) -> bytes:
         """The prefill call, abandoned if its worker stops answering health checks (a

@@ -96,20 +96,32 @@ class Reservation(_message.Message):
     def __init__(self, reservation_id: _Optional[str] = ..., decode_worker_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., lease_expiry_unix_ms: _Optional[int] = ..., compat_hash: _Optional[int] = ..., attempt_id: _Optional[int] = ..., transport: _Optional[str] = ..., block_size: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., transport_params: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class PrefillTask(_message.Message):
-    __slots__ = ("request_id", "attempt_id", "prompt_token_ids", "sampling", "reservation", "deadline_unix_ms")
+    __slots__ = ("request_id", "attempt_id", "prompt_token_ids", "sampling", "reservation", "deadline_unix_ms", "reservation_follows")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_FOLLOWS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     attempt_id: int
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _generation_pb2.SamplingParams
     reservation: Reservation
     deadline_unix_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., attempt_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., reservation: _Optional[_Union[Reservation, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+    reservation_follows: bool
+    def __init__(self, request_id: _Optional[str] = ..., attempt_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., reservation: _Optional[_Union[Reservation, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., reservation_follows: _Optional[bool] = ...) -> None: ...
+
+class AttachReservation(_message.Message):
+    __slots__ = ("request_id", "attempt_id", "reservation")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
+    RESERVATION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    attempt_id: int
+    reservation: Reservation
+    def __init__(self, request_id: _Optional[str] = ..., attempt_id: _Optional[int] = ..., reservation: _Optional[_Union[Reservation, _Mapping]] = ...) -> None: ...
 
 class CompletionRecord(_message.Message):
     __slots__ = ("request_id", "attempt_id", "reservation_id", "first_token_id", "first_token_logprob", "first_top_logprobs", "num_prompt_tokens", "num_cached_tokens", "kv_checksum", "num_chunks", "kv_bytes", "prefill_worker_id")

@@ -212,3 +212,89 @@ def test_whole_prompt_send_for_a_transport_that_is_not_layerwise(workers, loop, 
     assert finish == generation_pb2.FINISH_REASON_LENGTH
     assert out == LLMRef.get(default_model_dir).generate([ids], params)[0].token_ids
     assert loop.run_until_complete(settle(p, d)) == [0, 0]
+
+
+async def attach(p, rid, attempt, res):
+    await p.attach_reservation(worker_pb2.AttachReservation(
+        request_id=rid, attempt_id=attempt, reservation=res).SerializeToString())
+
+
+def follows_task(rid, ids, params, deadline_ms=0):
+    return worker_pb2.PrefillTask(request_id=rid, attempt_id=1, prompt_token_ids=ids,
+                                  sampling=sampling_params_to_proto(params),
+                                  reservation_follows=True, deadline_unix_ms=deadline_ms)
+
+
+@pytest.mark.parametrize("when", ["after_first_token", "before_task"])
+def test_a_reservation_that_follows_the_task(workers, loop, default_model_dir, when):
+    """The router reserves on D while P already computes. Attached after P's forward pass
+    (P kept the KV of every layer, and freed its own blocks), or before P even got the
+    task: D decodes the reference tokens, and both pools settle."""
+    p, d = workers
+    ids = prompt(p.engine.tokenizer)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    rid = f"follows-{when}"
+    seen: dict[str, object] = {}
+
+    async def gate(phase, key):
+        if phase == "first_token" and when == "after_first_token":
+            handle = p.exports[key][0]
+            seen["kept"] = len(handle._kept)
+            seen["blocks"] = (in_use(p), in_use(d))
+            await attach(p, rid, 1, seen["res"])
+
+    async def run():
+        seen["res"] = await reserve(d, rid, 1, ids, params)
+        if when == "before_task":
+            await attach(p, rid, 1, seen["res"])
+        reply = worker_pb2.PrefillReply.FromString(
+            await p.prefill(follows_task(rid, ids, params).SerializeToString()))
+        assert reply.code == worker_pb2.WORKER_ERROR_NONE, reply.error
+        return reply, await collect(d, rid)
+
+    p.gate = gate
+    try:
+        reply, (out, finish) = loop.run_until_complete(run())
+    finally:
+        p.gate = None
+    if when == "after_first_token":
+        assert seen["kept"] == p.engine.model_config.num_hidden_layers   # one send a layer
+        assert seen["blocks"] == (0, -(-len(ids) // 16))
+    assert reply.record.reservation_id == seen["res"].reservation_id
+    assert finish == generation_pb2.FINISH_REASON_LENGTH
+    assert out == LLMRef.get(default_model_dir).generate([ids], params)[0].token_ids
+    assert loop.run_until_complete(settle(p, d)) == [0, 0]
+    assert not p.exports and not p._early_res and len(d.table) == 0
+
+
+@pytest.mark.parametrize("case", ["never_comes", "incompatible"])
+def test_a_reservation_that_never_comes_or_cannot_be_used(workers, loop, case):
+    p, d = workers
+    ids = prompt(p.engine.tokenizer)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    rid = f"follows-{case}"
+    import time
+
+    async def run():
+        res = None
+        if case == "incompatible":
+            res = await reserve(d, rid, 1, ids, params)
+            bad = worker_pb2.Reservation()
+            bad.CopyFrom(res)
+            bad.compat_hash ^= 1
+            await attach(p, rid, 1, bad)
+        deadline = int((time.time() + 1.0) * 1000)
+        t0 = time.monotonic()
+        reply = worker_pb2.PrefillReply.FromString(
+            await p.prefill(follows_task(rid, ids, params, deadline).SerializeToString()))
+        if res is not None:
+            await d.abort(rid, 1)      # what the router does with a failed attempt
+        return reply, time.monotonic() - t0
+
+    reply, took = loop.run_until_complete(run())
+    assert reply.code == worker_pb2.WORKER_ERROR_TRANSFER
+    assert ("no reservation" if case == "never_comes" else "incompatible") in reply.error
+    assert took < 5.0
+    assert loop.run_until_complete(settle(p, d)) == [0, 0]
+    assert not p.exports and not p._early_res and len(d.table) == 0
+    loop.run_until_complete(d.poll(ROUTER, 0.05))
