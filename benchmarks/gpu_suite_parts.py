@@ -709,8 +709,11 @@ async def deploy_part_f(s: Any, path: Path, mode: str) -> tuple[Any, str]:
                       kv_cache_gb=max(sh.engine_kv_gb / 2, 0.01), enable_prefix_caching=False,
                       max_num_seqs=64, max_num_batched_tokens=sh.max_batched_tokens // 2,
                       max_model_len=prompt[1] + output[1] + 16, transport=transport)
+    # PDSERVE_BENCH_SERIAL_RESERVE=1: reserve on D before sending P the task (the router's
+    # path before overlap_reserve), for A/B runs of part f.
     rc = RouterConfig(mode=mode, max_inflight=1024, transport=transport, lease_ms=120_000,
-                      max_model_len=prompt[1] + output[1] + 16)
+                      max_model_len=prompt[1] + output[1] + 16,
+                      overlap_reserve=os.environ.get("PDSERVE_BENCH_SERIAL_RESERVE") != "1")
     dep = await deploy_ray(base, 1 if mode == "disaggregated" else 0, 1, rc, cpus_per_worker=1,
                            gpus_per_worker=0.5 if dev.type == "cuda" else 0.0)
     return dep, transport
