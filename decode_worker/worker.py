@@ -166,9 +166,9 @@ class DecodeWorker(ProfiledWorker):
         key = f"{req.request_id}/{req.attempt_id}"
         try:
             params = sampling_params_from_proto(req.sampling, 16)
-            prompt = list(req.prompt_token_ids)
+            prompt, resume = list(req.prompt_token_ids), list(req.resume_token_ids)
             assert self.aengine is not None
-            blocks = await self.aengine.call(lambda e: e.reserve(key, prompt, params))
+            blocks = await self.aengine.call(lambda e: e.reserve(key, prompt, params, resume))
         except ValueError as e:
             return _reserve_error(worker_pb2.WORKER_ERROR_INVALID, str(e))
         if blocks is None:
@@ -177,20 +177,21 @@ class DecodeWorker(ProfiledWorker):
             # Aborted while we waited for the engine; the abort already freed the blocks.
             return _reserve_error(worker_pb2.WORKER_ERROR_CANCELLED, "attempt was aborted")
         lease_s = req.lease_ms / 1000 if req.lease_ms else self.spec.lease_s
+        num_tokens = len(prompt) + len(resume)
         entry = self.table.create(request_id=req.request_id, attempt_id=req.attempt_id,
-                                  block_ids=tuple(blocks), num_tokens=len(prompt),
+                                  block_ids=tuple(blocks), num_tokens=num_tokens,
                                   lease_s=lease_s)
         if self.spec.transport == "ipc":
             # P copies straight into the blocks; no chunk passes through the receiver
             self.receiver.expect_peer_writes(entry)
         self.res_ids[key] = entry.reservation_id
-        self.routes[key] = (req.router_id, req.request_id, req.attempt_id, 0)
+        self.routes[key] = (req.router_id, req.request_id, req.attempt_id, len(resume))
         if req.deadline_unix_ms:
             self.deadlines[key] = req.deadline_unix_ms / 1000
         self.outboxes.setdefault(req.router_id, Outbox())
         res = worker_pb2.Reservation(
             reservation_id=entry.reservation_id, decode_worker_id=self.spec.worker_id,
-            endpoint=self.kv_endpoint, block_ids=blocks, num_tokens=len(prompt),
+            endpoint=self.kv_endpoint, block_ids=blocks, num_tokens=num_tokens,
             lease_expiry_unix_ms=int((time.time() + lease_s) * 1000),
             compat_hash=self.compat_hash, attempt_id=req.attempt_id,
             transport=self.spec.transport, block_size=self.engine.block_size)
@@ -217,11 +218,13 @@ class DecodeWorker(ProfiledWorker):
         try:
             params = sampling_params_from_proto(req.sampling, 16)
             assert self.aengine is not None
-            self.routes[key] = (req.router_id, req.request_id, req.attempt_id, 0)
+            resume = list(req.resume_token_ids)
+            self.routes[key] = (req.router_id, req.request_id, req.attempt_id, len(resume))
             self.outboxes.setdefault(req.router_id, Outbox())
             if req.deadline_unix_ms:
                 self.deadlines[key] = req.deadline_unix_ms / 1000
-            self.aengine.add_request(key, list(req.prompt_token_ids), params)
+            self.aengine.add_request(key, list(req.prompt_token_ids), params,
+                                     output_token_ids=resume)
         except ValueError as e:
             self.routes.pop(key, None)
             return _submit_reply(worker_pb2.WORKER_ERROR_INVALID, str(e))

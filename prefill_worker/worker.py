@@ -24,13 +24,14 @@ import asyncio
 import logging
 import os
 import time
-from typing import Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 import google_crc32c  # noqa: F401 - imported for its side effect of failing early if absent
 
 from pdserve.engine.async_engine import AsyncEngine
 from pdserve.engine.llm_engine import LLMEngine, RequestOutput
 from pdserve.engine.sequence import Sequence
+from pdserve.outputs import logprobs_to_proto
 from pdserve.profiling import ProfiledWorker
 from pdserve.protocol import sampling_params_from_proto
 from pdserve.v1 import generation_pb2, kv_pb2, worker_pb2
@@ -196,18 +197,39 @@ class PrefillWorker(ProfiledWorker):
 
     # -- router API -----------------------------------------------------------------------
     async def prefill(self, data: bytes) -> bytes:
-        task = worker_pb2.PrefillTask.FromString(data)
+        """One attempt's prefill and KV hand-off; the PrefillReply once D acknowledged
+        the completion record (or the attempt failed)."""
+        return await self._prefill(worker_pb2.PrefillTask.FromString(data), None)
+
+    async def prefill_stream(self, data: bytes) -> AsyncIterator[bytes]:
+        """prefill() as a stream (what the router calls): first a PrefillReply holding
+        only first_token, as soon as P sampled it and before the KV hand-off (unless that
+        token ends the request), then the reply prefill() returns."""
+        early: asyncio.Queue = asyncio.Queue()
+        run = asyncio.ensure_future(self._prefill(worker_pb2.PrefillTask.FromString(data),
+                                                  early.put_nowait))
+        run.add_done_callback(lambda _: early.put_nowait(None))
+        try:
+            while (item := await early.get()) is not None:
+                yield item
+            yield run.result()
+        finally:
+            if not run.done():
+                run.cancel()
+
+    async def _prefill(self, task: worker_pb2.PrefillTask,
+                       on_first: Callable[[bytes], None] | None) -> bytes:
         if self.draining:
             return _reply(worker_pb2.WORKER_ERROR_DRAINING, "worker is draining")
         key = f"{task.request_id}/{task.attempt_id}"
         res = task.reservation
-        prompt = list(task.prompt_token_ids)
+        prompt, resume = list(task.prompt_token_ids), list(task.resume_token_ids)
         t0 = time.monotonic()
         try:
             params = sampling_params_from_proto(task.sampling, 16)
         except ValueError as e:
             return _reply(worker_pb2.WORKER_ERROR_INVALID, str(e))
-        nblocks = -(-len(prompt) // self.engine.block_size)
+        nblocks = -(-(len(prompt) + len(resume)) // self.engine.block_size)
         assert self.aengine is not None and self.transport is not None
         handle: KVSendHandle
         if task.reservation_follows:
@@ -230,7 +252,8 @@ class PrefillWorker(ProfiledWorker):
             asyncio.ensure_future(self._bind(key, early))
         try:
             try:
-                self.aengine.add_request(key, prompt, params, prefill_only=True)
+                self.aengine.add_request(key, prompt, params, prefill_only=True,
+                                         output_token_ids=resume)
             except ValueError as e:
                 handle.abort()
                 return _reply(worker_pb2.WORKER_ERROR_INVALID, str(e))
@@ -254,6 +277,10 @@ class PrefillWorker(ProfiledWorker):
                         else worker_pb2.WORKER_ERROR_INTERNAL)
                 return _reply(code, out.error or f"prefill ended: {out.finish_reason}")
             t1 = time.monotonic()
+            if on_first is not None:
+                first = self._first_token(prompt, resume, params, out)
+                if first is not None:
+                    on_first(worker_pb2.PrefillReply(first_token=first).SerializeToString())
             await self._gate("first_token", key)
             tmo = self._remaining(task, self.spec.transfer_timeout_s)
             try:
@@ -280,6 +307,25 @@ class PrefillWorker(ProfiledWorker):
             self.first.pop(key, None)
             self.exports.pop(key, None)
             self._early_res.pop(key, None)
+
+    def _first_token(self, prompt: list[int], resume: list[int], params, out: RequestOutput
+                     ) -> worker_pb2.FirstToken | None:
+        """The first token as D will emit it on activation: the same detokenizer and stop
+        rules over the same prompt (engine.text_stream), so the text is identical. None
+        when the token ends the request: D reports that, with the finish reason."""
+        token = out.new_token_ids[0]
+        if len(prompt) + len(resume) + 1 >= self.engine.max_model_len:
+            return None
+        try:
+            step = self.engine.text_stream(prompt, params, resume).step(token)
+        except ValueError:
+            return None
+        if step.finish_reason is not None:
+            return None
+        first = worker_pb2.FirstToken(token_id=token, text=step.delta)
+        if out.new_logprobs:
+            first.logprob.CopyFrom(logprobs_to_proto(out.new_logprobs[:1])[0])
+        return first
 
     def _unusable(self, res: worker_pb2.Reservation, nblocks: int) -> tuple[int, str] | None:
         """Why this worker cannot push a prompt of `nblocks` blocks into `res`, or None."""
@@ -333,7 +379,8 @@ class PrefillWorker(ProfiledWorker):
         record = worker_pb2.CompletionRecord(
             request_id=task.request_id, attempt_id=task.attempt_id,
             reservation_id=res.reservation_id, first_token_id=out.new_token_ids[0],
-            num_prompt_tokens=len(task.prompt_token_ids), num_cached_tokens=out.num_cached_tokens,
+            num_prompt_tokens=len(task.prompt_token_ids) + len(task.resume_token_ids),
+            num_cached_tokens=out.num_cached_tokens,
             kv_checksum=summary.checksum, num_chunks=summary.num_chunks,
             kv_bytes=summary.num_bytes, prefill_worker_id=self.spec.worker_id)
         if out.new_logprobs:

@@ -5,7 +5,7 @@ Every method takes and returns protobuf bytes (or plain ids): nothing but bytes 
 strings crosses a process boundary."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, AsyncIterator
 
 
 class WorkerDied(RuntimeError):
@@ -68,6 +68,22 @@ class DecodeClient(WorkerClient):
 class PrefillClient(WorkerClient):
     async def prefill(self, data: bytes) -> bytes:
         return await self._call(self.target.prefill, data)
+
+    async def prefill_stream(self, data: bytes) -> AsyncIterator[bytes]:
+        """The worker's prefill_stream: an early message with the first token, then the
+        reply (a Ray streaming generator call for an actor)."""
+        try:
+            if self.is_ray:
+                gen = self.target.prefill_stream.options(num_returns="streaming").remote(data)
+                async for ref in gen:
+                    yield await ref
+            else:
+                async for item in self.target.prefill_stream(data):
+                    yield item
+        except Exception as e:
+            if _is_death(e):
+                raise WorkerDied(str(e)) from e
+            raise
 
     async def attach_reservation(self, data: bytes) -> None:
         await self._call(self.target.attach_reservation, data)

@@ -27,7 +27,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from pdserve.engine.llm_engine import TokenLogprob
 from pdserve.llm import Usage
@@ -118,6 +118,12 @@ class _State:
     prefill_id: str = ""
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     tokens_sent: int = 0
+    delivered: list[int] = field(default_factory=list)   # the token ids sent to the client
+    # Leading tokens of the completion that prefill workers sampled (no decode step made
+    # them): a failure before any later token reached the client resumes after them.
+    p_tokens: int = 0
+    early: tuple[int, str] | None = None     # (index, text) of a token P sent before D had it
+    leg: asyncio.Task | None = None          # the attempt's prefill leg (disaggregated)
     last_token_at: float = 0.0
     cached_tokens: int | None = None
     finished: bool = False
@@ -226,14 +232,23 @@ class Router:
                 return
             except _Retry as r:
                 self._abort_attempt(state)
-                if state.tokens_sent or attempt == max_attempts:
+                # Tokens that only prefill workers sampled can be re-made anywhere: the
+                # next attempt resumes after them. A token from a decode step cannot.
+                if state.tokens_sent > state.p_tokens or attempt == max_attempts:
                     raise RequestFailed(r.kind, str(r)) from None
                 self.events["retries"] += 1
-                logger.info("%s: attempt %d failed (%s); retrying", state.rec.request_id,
-                            attempt, r)
+                logger.info("%s: attempt %d failed (%s); retrying%s", state.rec.request_id,
+                            attempt, r, f" after token {state.tokens_sent}"
+                            if state.tokens_sent else "")
+            finally:
+                leg, state.leg = state.leg, None
+                if leg is not None and not leg.done():
+                    leg.cancel()
 
     async def _dispatch(self, state: _State, inp: GenerateInput, tried_p: set[str],
                         tried_d: set[str]) -> None:
+        """Start this attempt: colocated, submit to a decode worker; disaggregated, start
+        the prefill leg (its outcome reaches _stream through state.queue)."""
         rid = state.rec.request_id
         sampling = sampling_params_to_proto(inp.params)
         deadline_ms = int(inp.deadline * 1000) if inp.deadline else 0
@@ -243,7 +258,10 @@ class Router:
         # The reservation follows the task when some decode worker seems to have room;
         # otherwise reserve first (waiting for blocks), so P never holds KV for long.
         overlap = (not colocated and self.config.overlap_reserve
-                   and self._decode_has_room(inp, tried_d))
+                   and self._decode_has_room(state, inp, tried_d))
+        resume = list(state.delivered)
+        # The token after `resume` is sampled by P on the disaggregated path.
+        state.p_tokens = len(resume) + (0 if colocated else 1)
         d = None
         if not overlap:
             d = await self._reserve_or_submit(state, inp, sampling, deadline_ms, colocated,
@@ -265,33 +283,67 @@ class Router:
         state.rec.workers.append(p.worker_id)
         task = worker_pb2.PrefillTask(request_id=rid, attempt_id=state.attempt,
                                       prompt_token_ids=inp.prompt_token_ids, sampling=sampling,
-                                      deadline_unix_ms=deadline_ms)
+                                      deadline_unix_ms=deadline_ms, resume_token_ids=resume)
         if overlap:
             task.reservation_follows = True
-            call = self._prefill_overlapped(state, inp, sampling, deadline_ms, tried_d, pw,
-                                            task.SerializeToString())
         else:
             task.reservation.CopyFrom(d)
-            call = self._watch_prefill(pw, task.SerializeToString())
+        state.leg = asyncio.ensure_future(self._prefill_leg(
+            state, inp, pw, task, sampling, tried_p, tried_d))
+
+    async def _prefill_leg(self, state: _State, inp: GenerateInput, pw: _Worker,
+                           task: worker_pb2.PrefillTask, sampling, tried_p: set[str],
+                           tried_d: set[str]) -> None:
+        """This attempt's prefill call (and, with reservation_follows, D's reserve beside
+        it). Runs beside _stream: P's early first token and any failure of the attempt
+        go into the attempt's queue."""
+        queue, pid = state.queue, pw.view.worker_id
+        first_index = len(task.resume_token_ids)
+
+        def on_first(ft: worker_pb2.FirstToken) -> None:
+            out = worker_pb2.DecodeOutput(
+                request_id=task.request_id, attempt_id=task.attempt_id, token_ids=[ft.token_id],
+                text=ft.text, first_token_index=first_index)
+            if ft.HasField("logprob"):
+                out.logprobs.append(ft.logprob)
+            queue.put_nowait(_Early(out))
+
+        data = task.SerializeToString()
+        if task.reservation_follows:
+            call = self._prefill_overlapped(state, inp, sampling, task.deadline_unix_ms,
+                                            tried_d, pw, data, on_first)
+        else:
+            call = self._watch_prefill(pw, data, on_first)
         pw.view.inflight += 1
         state.prefilling = True
         try:
-            reply = worker_pb2.PrefillReply.FromString(await self._with_deadline(call, inp))
+            reply = worker_pb2.PrefillReply.FromString(await call)
+        except (_Retry, RequestFailed) as e:          # D's reserve failed
+            queue.put_nowait(_LegFailed(e))
+            return
         except _Stalled as e:
-            tried_p.add(p.worker_id)
+            tried_p.add(pid)
             self.events["transfer_failures"] += 1
-            raise _Retry("unavailable", str(e)) from None
+            queue.put_nowait(_LegFailed(_Retry("unavailable", str(e))))
+            return
         except WorkerDied as e:
             pw.view.healthy = False
-            tried_p.add(p.worker_id)
+            tried_p.add(pid)
             self.events["transfer_failures"] += 1
-            raise _Retry("unavailable", f"prefill worker {p.worker_id} died: {e}") from None
+            queue.put_nowait(_LegFailed(_Retry("unavailable", f"prefill worker {pid} died: {e}")))
+            return
+        except Exception as e:  # noqa: BLE001 - any other failure of the call: the attempt's
+            logger.warning("%s: prefill call to %s failed: %r", task.request_id, pid, e)
+            tried_p.add(pid)
+            queue.put_nowait(_LegFailed(_Retry("internal", f"prefill call failed: {e}")))
+            return
         finally:
             pw.view.inflight -= 1
             state.prefilling = False
         state.rec.prefill_done_at = time.monotonic()
         state.rec.prefill_seconds = reply.prefill_seconds
         state.rec.transfer_seconds = reply.transfer_seconds
+        m = self.metrics
         if m is not None:
             if reply.code == worker_pb2.WORKER_ERROR_NONE:
                 m.labels(m.kv_bytes, transport=self.transport_name).inc(reply.record.kv_bytes)
@@ -300,27 +352,30 @@ class Router:
                 m.labels(m.kv_failures,
                          reason=worker_pb2.WorkerErrorCode.Name(reply.code)).inc()
         if reply.code != worker_pb2.WORKER_ERROR_NONE:
-            tried_p.add(p.worker_id)
+            tried_p.add(pid)
             if reply.code == worker_pb2.WORKER_ERROR_INVALID:
-                raise RequestFailed("invalid", reply.error)
-            if reply.code == worker_pb2.WORKER_ERROR_DEADLINE:
-                raise RequestFailed("deadline", reply.error)
-            self.events["transfer_failures"] += 1
-            raise _Retry("unavailable", reply.error or "prefill failed")
+                queue.put_nowait(_LegFailed(RequestFailed("invalid", reply.error)))
+            elif reply.code == worker_pb2.WORKER_ERROR_DEADLINE:
+                queue.put_nowait(_LegFailed(RequestFailed("deadline", reply.error)))
+            else:
+                self.events["transfer_failures"] += 1
+                queue.put_nowait(_LegFailed(_Retry("unavailable", reply.error or "prefill failed")))
+            return
         state.cached_tokens = reply.record.num_cached_tokens
 
-    def _decode_has_room(self, inp: GenerateInput, tried_d: set[str]) -> bool:
-        need = -(-len(inp.prompt_token_ids) // self.config.block_size)
+    def _decode_has_room(self, state: _State, inp: GenerateInput, tried_d: set[str]) -> bool:
+        need = -(-(len(inp.prompt_token_ids) + len(state.delivered)) // self.config.block_size)
         return any(w.view.healthy and k not in tried_d and w.view.kv_blocks_free >= need
                    for k, w in self.decode.items())
 
     async def _prefill_overlapped(self, state: _State, inp: GenerateInput, sampling,
                                   deadline_ms: int, tried_d: set[str], pw: _Worker,
-                                  data: bytes) -> bytes:
+                                  data: bytes, on_first: Callable[[worker_pb2.FirstToken], None]
+                                  ) -> bytes:
         """The prefill call (a task with reservation_follows) and D's reserve at once;
         the reservation goes to P as soon as D grants it. A failed reserve raises as in
         the serial path; the caller's abort of the attempt then stops P too."""
-        call = asyncio.ensure_future(self._watch_prefill(pw, data))
+        call = asyncio.ensure_future(self._watch_prefill(pw, data, on_first))
         try:
             res = await self._reserve_or_submit(state, inp, sampling, deadline_ms, False, tried_d)
             if not call.done():      # else P already answered (an error): its reply says why
@@ -332,10 +387,20 @@ class Router:
             if not call.done():
                 call.cancel()
 
-    async def _watch_prefill(self, pw: _Worker, data: bytes) -> bytes:
+    async def _watch_prefill(self, pw: _Worker, data: bytes,
+                             on_first: Callable[[worker_pb2.FirstToken], None]) -> bytes:
         """The prefill call, abandoned if its worker stops answering health checks (a
-        stalled or dead P), however long a busy but healthy P takes (up to a backstop)."""
-        task = asyncio.ensure_future(pw.client.prefill(data))
+        stalled or dead P), however long a busy but healthy P takes (up to a backstop).
+        P's early first token goes to on_first; returns the PrefillReply."""
+        async def consume() -> bytes:
+            async for msg in pw.client.prefill_stream(data):
+                reply = worker_pb2.PrefillReply.FromString(msg)
+                if not reply.HasField("first_token"):
+                    return msg
+                on_first(reply.first_token)
+            raise RuntimeError("the prefill stream ended without a reply")
+
+        task = asyncio.ensure_future(consume())
         start = time.monotonic()
         try:
             while True:
@@ -366,7 +431,8 @@ class Router:
             state.decode_id = v.worker_id
             # Count this request against the worker before awaiting it, so requests
             # dispatched together spread out instead of all picking the same worker.
-            need = -(-len(inp.prompt_token_ids) // self.config.block_size)
+            resume = list(state.delivered)
+            need = -(-(len(inp.prompt_token_ids) + len(resume)) // self.config.block_size)
             dw.view.inflight += 1
             dw.view.kv_blocks_free -= need
             ok = False
@@ -375,17 +441,18 @@ class Router:
                     req = worker_pb2.SubmitRequest(
                         request_id=rid, attempt_id=state.attempt,
                         prompt_token_ids=inp.prompt_token_ids, sampling=sampling,
-                        router_id=self.router_id, deadline_unix_ms=deadline_ms)
+                        router_id=self.router_id, deadline_unix_ms=deadline_ms,
+                        resume_token_ids=resume)
                     rep = worker_pb2.SubmitReply.FromString(
                         await dw.client.submit(req.SerializeToString()))
                     code, err, result = rep.code, rep.error, None
                 else:
                     req = worker_pb2.ReserveRequest(
                         request_id=rid, attempt_id=state.attempt,
-                        num_prompt_tokens=len(inp.prompt_token_ids),
+                        num_prompt_tokens=len(inp.prompt_token_ids) + len(resume),
                         prompt_token_ids=inp.prompt_token_ids, lease_ms=self.config.lease_ms,
                         sampling=sampling, router_id=self.router_id,
-                        deadline_unix_ms=deadline_ms)
+                        deadline_unix_ms=deadline_ms, resume_token_ids=resume)
                     rep2 = worker_pb2.ReserveReply.FromString(
                         await dw.client.reserve(req.SerializeToString()))
                     code, err, result = rep2.code, rep2.error, rep2.reservation
@@ -417,26 +484,38 @@ class Router:
                 item = await self._with_deadline(state.queue.get(), inp)
             except RequestFailed:
                 raise
+            if isinstance(item, _LegFailed):
+                raise item.error
+            # _run decides: a retry, or (a decode step's token already sent) an error
             if isinstance(item, _DecodeLost):
                 self.events["decode_lost"] += 1
-                if state.tokens_sent == 0:
-                    raise _Retry("unavailable", str(item))
-                raise RequestFailed("unavailable", str(item))
-            out: worker_pb2.DecodeOutput = item
+                raise _Retry("unavailable", str(item))
+            early = isinstance(item, _Early)
+            out: worker_pb2.DecodeOutput = item.out if early else item
             new_ids = list(out.token_ids)
+            text = out.text
             # Drop anything already delivered (a duplicate or replayed output).
             skip = max(0, state.tokens_sent - out.first_token_index)
+            if early:
+                if skip:       # D's output of this token came first: it said it all
+                    continue
+                state.early = (out.first_token_index, text)
+            elif skip and state.early is not None and out.first_token_index == state.early[0]:
+                # D's activation output repeats the token P sent early, and its text
+                # (the same detokenizer and stop rules) starts with what was sent then.
+                text = text[len(state.early[1]):]
             new_ids = new_ids[skip:]
             lps = logprobs_from_proto(out.logprobs)[skip:] if out.logprobs else None
             finish = finish_reason_from_proto(out.finish_reason)
             if finish == "error":
-                if state.tokens_sent == 0:
-                    raise _Retry("internal", out.error or "decode failed")
-                raise RequestFailed("internal", out.error or "decode failed")
+                raise _Retry("internal", out.error or "decode failed")
             if finish == "abort":
                 raise RequestFailed("deadline" if inp.deadline and time.time() >= inp.deadline
                                     else "internal", out.error or "request aborted by worker")
+            if not new_ids and not text and finish is None:
+                continue       # nothing new (the repeat of a token sent early)
             state.tokens_sent += len(new_ids)
+            state.delivered.extend(new_ids)
             now = time.monotonic()
             m = self.metrics
             if new_ids:
@@ -466,7 +545,7 @@ class Router:
             stop_reason: str | int | None = out.stop_reason or None
             if out.HasField("stop_token_id"):
                 stop_reason = out.stop_token_id
-            yield Delta(rid, new_ids, out.text, lps, finish, stop_reason, usage)
+            yield Delta(rid, new_ids, text, lps, finish, stop_reason, usage)
             if finish is not None:
                 return
 
@@ -606,6 +685,18 @@ class Router:
 
 class _Stalled(Exception):
     pass
+
+
+@dataclass
+class _Early:
+    """P's first token, sent before its KV reached D (a DecodeOutput as D would send it)."""
+    out: worker_pb2.DecodeOutput
+
+
+@dataclass
+class _LegFailed:
+    """The prefill leg ended the attempt: a _Retry, or a RequestFailed."""
+    error: Exception
 
 
 class _Retry(Exception):

@@ -86,15 +86,18 @@ class AsyncEngine:
 
     # -- caller side (asyncio loop) -------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prefill_only: bool = False) -> RequestStream:
+                    prefill_only: bool = False,
+                    output_token_ids: list[int] | tuple[int, ...] = ()) -> RequestStream:
         if self.dead is not None:
             raise EngineDeadError(f"engine loop died: {self.dead}")
-        self.engine.validate(prompt_token_ids, params)   # read-only: safe off-thread
+        # read-only: safe off-thread
+        self.engine.validate([*prompt_token_ids, *output_token_ids], params)
         stream = self.open_stream(request_id)
 
         def cmd() -> None:
             try:
-                self.engine.add_request(request_id, prompt_token_ids, params, prefill_only)
+                self.engine.add_request(request_id, prompt_token_ids, params, prefill_only,
+                                        output_token_ids)
             except ValueError as e:
                 self._deliver([_error_output(request_id, str(e), len(prompt_token_ids))])
         self._submit(cmd)

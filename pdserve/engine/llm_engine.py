@@ -142,18 +142,33 @@ class LLMEngine:
             raise ValueError(f"token ids must be in [0, {vocab})")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams, prefill_only: bool = False) -> Sequence:
+                    params: SamplingParams, prefill_only: bool = False,
+                    output_token_ids: list[int] | tuple[int, ...] = ()) -> Sequence:
+        """output_token_ids: tokens of this completion already generated (and delivered)
+        elsewhere; the request resumes after them: they are prefilled with the prompt,
+        count as output (max_tokens, penalties) and their text is not produced again."""
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already active")
-        self.validate(prompt_token_ids, params)
-        seq = Sequence(request_id, list(prompt_token_ids), params, prefill_only=prefill_only)
+        self.validate([*prompt_token_ids, *output_token_ids], params)
+        seq = Sequence(request_id, list(prompt_token_ids), params, prefill_only=prefill_only,
+                       tokens=[*prompt_token_ids, *output_token_ids])
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         self.seqs[request_id] = seq
-        self.streams[request_id] = TextStream(self.tokenizer, params, seq.prompt_token_ids,
-                                              self.eos_token_ids)
+        self.streams[request_id] = self.text_stream(seq.prompt_token_ids, params,
+                                                    output_token_ids)
         self.scheduler.add(seq)
         return seq
+
+    def text_stream(self, prompt_token_ids: list[int] | tuple[int, ...], params: SamplingParams,
+                    output_token_ids: list[int] | tuple[int, ...] = ()) -> TextStream:
+        """The detokenizer and stop rules of a request, past output tokens already
+        delivered (their text was sent with them: it is dropped here)."""
+        stream = TextStream(self.tokenizer, params, prompt_token_ids, self.eos_token_ids)
+        for t in output_token_ids:
+            if stream.step(t).finish_reason is not None:
+                raise ValueError("the resumed output already ended the request")
+        return stream
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """End a request now and free its blocks. Unknown or finished ids are a no-op."""
@@ -321,27 +336,30 @@ class LLMEngine:
         self.streams.pop(seq.seq_id, None)
 
     # -- decode role: KV computed elsewhere ------------------------------------------------
-    def reserve(self, request_id: str, prompt_token_ids: list[int],
-                params: SamplingParams) -> list[int] | None:
+    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                output_token_ids: list[int] | tuple[int, ...] = ()) -> list[int] | None:
         """Hold blocks for a prompt whose KV another worker will write. Returns the block
-        ids (in block-table order), or None when the pool cannot hold it now."""
+        ids (in block-table order), or None when the pool cannot hold it now.
+        output_token_ids: as in add_request; their KV comes with the prompt's."""
         if self.look_ahead:
             # A step in flight may still write blocks that look-ahead has freed, and
             # another process's KV writes are not ordered after it on this device.
             raise RuntimeError("an engine with look_ahead cannot take KV from other workers")
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already active")
-        self.validate(prompt_token_ids, params)
-        seq = Sequence(request_id, list(prompt_token_ids), params, status=SeqStatus.RESERVED)
-        if not self.kv.allocate(request_id, len(prompt_token_ids)):
+        tokens = [*prompt_token_ids, *output_token_ids]
+        self.validate(tokens, params)
+        stream = self.text_stream(prompt_token_ids, params, output_token_ids)
+        seq = Sequence(request_id, list(prompt_token_ids), params, status=SeqStatus.RESERVED,
+                       tokens=tokens)
+        if not self.kv.allocate(request_id, len(tokens)):
             return None
         if params.seed is not None:
             # The first token was sampled by the prefill worker with the same seed; the
             # generator here continues the request's own random stream for the rest.
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         self.seqs[request_id] = seq
-        self.streams[request_id] = TextStream(self.tokenizer, params, seq.prompt_token_ids,
-                                              self.eos_token_ids)
+        self.streams[request_id] = stream
         return self.kv.block_table(request_id)
 
     def activate(self, request_id: str, first_token_id: int,
@@ -351,7 +369,7 @@ class LLMEngine:
         seq = self.seqs.get(request_id)
         if seq is None or seq.status != SeqStatus.RESERVED:
             raise ValueError(f"request {request_id!r} holds no reservation")
-        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.num_computed_tokens = seq.num_tokens     # the prompt and any resumed output
         self.kv.cache_blocks(request_id, seq.tokens, seq.num_computed_tokens)
         seq.tokens.append(first_token_id)
         seq.first_token_time = time.monotonic()

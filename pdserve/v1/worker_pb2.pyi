@@ -41,7 +41,7 @@ WORKER_ERROR_INTERNAL: WorkerErrorCode
 WORKER_ERROR_DRAINING: WorkerErrorCode
 
 class ReserveRequest(_message.Message):
-    __slots__ = ("request_id", "attempt_id", "num_prompt_tokens", "prompt_token_ids", "lease_ms", "sampling", "router_id", "deadline_unix_ms")
+    __slots__ = ("request_id", "attempt_id", "num_prompt_tokens", "prompt_token_ids", "lease_ms", "sampling", "router_id", "deadline_unix_ms", "resume_token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +50,7 @@ class ReserveRequest(_message.Message):
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     attempt_id: int
     num_prompt_tokens: int
@@ -58,7 +59,8 @@ class ReserveRequest(_message.Message):
     sampling: _generation_pb2.SamplingParams
     router_id: str
     deadline_unix_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., attempt_id: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., lease_ms: _Optional[int] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., router_id: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+    resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., attempt_id: _Optional[int] = ..., num_prompt_tokens: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., lease_ms: _Optional[int] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., router_id: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., resume_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Reservation(_message.Message):
     __slots__ = ("reservation_id", "decode_worker_id", "endpoint", "block_ids", "num_tokens", "lease_expiry_unix_ms", "compat_hash", "attempt_id", "transport", "block_size", "num_cached_tokens", "transport_params")
@@ -96,7 +98,7 @@ class Reservation(_message.Message):
     def __init__(self, reservation_id: _Optional[str] = ..., decode_worker_id: _Optional[str] = ..., endpoint: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., lease_expiry_unix_ms: _Optional[int] = ..., compat_hash: _Optional[int] = ..., attempt_id: _Optional[int] = ..., transport: _Optional[str] = ..., block_size: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., transport_params: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class PrefillTask(_message.Message):
-    __slots__ = ("request_id", "attempt_id", "prompt_token_ids", "sampling", "reservation", "deadline_unix_ms", "reservation_follows")
+    __slots__ = ("request_id", "attempt_id", "prompt_token_ids", "sampling", "reservation", "deadline_unix_ms", "reservation_follows", "resume_token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +106,7 @@ class PrefillTask(_message.Message):
     RESERVATION_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_FOLLOWS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     attempt_id: int
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -111,7 +114,8 @@ class PrefillTask(_message.Message):
     reservation: Reservation
     deadline_unix_ms: int
     reservation_follows: bool
-    def __init__(self, request_id: _Optional[str] = ..., attempt_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., reservation: _Optional[_Union[Reservation, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., reservation_follows: _Optional[bool] = ...) -> None: ...
+    resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., attempt_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., reservation: _Optional[_Union[Reservation, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., reservation_follows: _Optional[bool] = ..., resume_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AttachReservation(_message.Message):
     __slots__ = ("request_id", "attempt_id", "reservation")
@@ -232,34 +236,48 @@ class ReserveReply(_message.Message):
     def __init__(self, reservation: _Optional[_Union[Reservation, _Mapping]] = ..., code: _Optional[_Union[WorkerErrorCode, str]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class PrefillReply(_message.Message):
-    __slots__ = ("code", "error", "record", "prefill_seconds", "transfer_seconds")
+    __slots__ = ("code", "error", "record", "prefill_seconds", "transfer_seconds", "first_token")
     CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RECORD_FIELD_NUMBER: _ClassVar[int]
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     code: WorkerErrorCode
     error: str
     record: CompletionRecord
     prefill_seconds: float
     transfer_seconds: float
-    def __init__(self, code: _Optional[_Union[WorkerErrorCode, str]] = ..., error: _Optional[str] = ..., record: _Optional[_Union[CompletionRecord, _Mapping]] = ..., prefill_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ...) -> None: ...
+    first_token: FirstToken
+    def __init__(self, code: _Optional[_Union[WorkerErrorCode, str]] = ..., error: _Optional[str] = ..., record: _Optional[_Union[CompletionRecord, _Mapping]] = ..., prefill_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., first_token: _Optional[_Union[FirstToken, _Mapping]] = ...) -> None: ...
+
+class FirstToken(_message.Message):
+    __slots__ = ("token_id", "text", "logprob")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    text: str
+    logprob: _generation_pb2.TokenLogprob
+    def __init__(self, token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[_Union[_generation_pb2.TokenLogprob, _Mapping]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("request_id", "attempt_id", "prompt_token_ids", "sampling", "router_id", "deadline_unix_ms")
+    __slots__ = ("request_id", "attempt_id", "prompt_token_ids", "sampling", "router_id", "deadline_unix_ms", "resume_token_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     ROUTER_ID_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     attempt_id: int
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _generation_pb2.SamplingParams
     router_id: str
     deadline_unix_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., attempt_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., router_id: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+    resume_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., attempt_id: _Optional[int] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_generation_pb2.SamplingParams, _Mapping]] = ..., router_id: _Optional[str] = ..., deadline_unix_ms: _Optional[int] = ..., resume_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SubmitReply(_message.Message):
     __slots__ = ("code", "error")

@@ -84,7 +84,9 @@ def test_stalls_and_decode_loss(ray_cluster, default_model_dir):
         await asyncio.sleep(0)
         end = time.monotonic() + 60
         while time.monotonic() < end:       # wait until every request is decoding
-            if len(r.states) == 6 and all(s.tokens_sent for s in r.states.values()):
+            # mid-stream: a token from a decode step reached the client (a request
+            # holding only the first token, which P sampled, resumes elsewhere instead)
+            if len(r.states) == 6 and all(s.tokens_sent >= 2 for s in r.states.values()):
                 break
             await asyncio.sleep(0.05)
         on_d1 = sum(s.decode_id == "decode-1" for s in r.states.values())

@@ -25,12 +25,12 @@ def spec(model_dir: str) -> WorkerSpec:
 def spy_tasks(p) -> list[bool]:
     """Records reservation_follows of every task the prefill worker gets."""
     seen: list[bool] = []
-    real = p.prefill
+    real = p._prefill
 
-    async def prefill(data: bytes) -> bytes:
-        seen.append(worker_pb2.PrefillTask.FromString(data).reservation_follows)
-        return await real(data)
-    p.prefill = prefill
+    async def prefill(task: worker_pb2.PrefillTask, on_first) -> bytes:
+        seen.append(task.reservation_follows)
+        return await real(task, on_first)
+    p._prefill = prefill
     return seen
 
 

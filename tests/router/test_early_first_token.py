@@ -1,0 +1,203 @@
+"""The first token reaches the client before its KV reaches D (P streams it as soon as it
+is sampled), and a request whose hand-off fails after that token resumes on other
+workers from the tokens already sent. Real workers in one process (local transport, the
+default model on CPU), checked against LLM.generate."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pdserve import LLM, SamplingParams
+from pdserve.cluster import deploy_in_process
+from pdserve.v1 import worker_pb2
+from pdserve.worker_spec import WorkerSpec
+from router.core import GenerateInput, RouterConfig
+
+PROMPT = "Write a short note about moving the KV cache between two GPU workers."
+
+
+@pytest.fixture(scope="module")
+def llm(default_model_dir):
+    return LLM(default_model_dir, dtype="float32", device="cpu", num_blocks=64)
+
+
+def spec(model_dir: str) -> WorkerSpec:
+    return WorkerSpec(worker_id="base", role="both", model=model_dir, dtype="float32",
+                      device="cpu", num_blocks=64, transport="local")
+
+
+async def collect(router, ids, params, on_delta=None):
+    toks, text, deltas = [], "", []
+    async for d in router.generate(GenerateInput(list(ids), params)):
+        toks.extend(d.token_ids)
+        text += d.text
+        deltas.append(d)
+        if on_delta is not None:
+            on_delta(d)
+    return toks, text, deltas
+
+
+async def settled(dep, timeout: float = 3.0) -> list[int]:
+    workers = [*dep.prefill.values(), *dep.decode.values()]
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        used = [w.engine.pool.stats().in_use for w in workers]
+        if not any(used) or loop.time() > end:
+            return used
+        await asyncio.sleep(0.05)
+
+
+def test_the_first_token_is_streamed_before_the_kv_hand_off(default_model_dir, llm):
+    """P holds its hand-off (gate after the first token, before the KV is finished) until
+    the client got a delta: it comes from P, and the whole stream equals LLM.generate's."""
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+    ids = llm.tokenizer.encode(PROMPT)
+    ref = llm.generate([ids], params)[0]
+
+    async def run():
+        dep = await deploy_in_process(spec(default_model_dir), 1, 1, RouterConfig(block_size=16))
+        got_first = asyncio.Event()
+        seen: dict[str, object] = {}
+
+        async def gate(phase, key):
+            if phase == "first_token":
+                try:
+                    await asyncio.wait_for(got_first.wait(), 10)
+                    seen["client_had_it"] = True
+                except TimeoutError:
+                    seen["client_had_it"] = False
+                seen["d_running"] = dep.decode["decode-0"].engine.stats()["num_running"]
+        dep.prefill["prefill-0"].gate = gate
+        try:
+            out = await collect(dep.router, ids, params, lambda d: got_first.set())
+            return out, seen, await settled(dep)
+        finally:
+            await dep.stop()
+
+    (toks, text, deltas), seen, used = asyncio.run(run())
+    assert seen == {"client_had_it": True, "d_running": 0}   # before D had the request
+    assert deltas[0].token_ids == ref.token_ids[:1]
+    assert toks == ref.token_ids and text == ref.text
+    lps = [lp for d in deltas for lp in (d.logprobs or [])]
+    assert [lp.token_id for lp in lps] == ref.token_ids
+    assert len(lps[0].top) == 2
+    assert used == [0, 0]
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True),
+    SamplingParams(temperature=0.0, max_tokens=6, stop=[" "]),
+], ids=["max_tokens_1", "stop_string"])
+def test_a_first_token_that_ends_the_request_is_not_sent_early(default_model_dir, llm, params):
+    """Only D reports a request's end (finish reason, stop string cut): P sends nothing
+    early then, and the client gets exactly LLM.generate's output."""
+    ids = llm.tokenizer.encode(PROMPT)
+    ref = llm.generate([ids], params)[0]
+
+    async def run():
+        dep = await deploy_in_process(spec(default_model_dir), 1, 1, RouterConfig(block_size=16))
+        p = dep.prefill["prefill-0"]
+        early: list[int] = []
+        real = p._first_token
+
+        def spy(*args):
+            first = real(*args)
+            early.append(first is not None)
+            return first
+        p._first_token = spy
+        try:
+            return await collect(dep.router, ids, params), early
+        finally:
+            await dep.stop()
+
+    (toks, text, deltas), early = asyncio.run(run())
+    assert toks == ref.token_ids and text == ref.text
+    assert deltas[-1].finish_reason == ref.finish_reason
+    if params.max_tokens == 1:
+        assert early == [False]
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
+    SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, frequency_penalty=1.5,
+                   presence_penalty=0.5),
+], ids=["greedy", "penalties"])
+def test_a_hand_off_that_fails_after_the_first_token_resumes_from_it(default_model_dir, llm,
+                                                                     params):
+    """prefill-0's transfer fails after its first token reached the client. The router
+    resumes on prefill-1 after that token (it counts as output: max_tokens, penalties),
+    and the client gets LLM.generate's tokens and text, with one retry and every block
+    back in its pool."""
+    ids = llm.tokenizer.encode(PROMPT)
+    ref = llm.generate([ids], params)[0]
+
+    async def run():
+        dep = await deploy_in_process(spec(default_model_dir), 2, 1,
+                                      RouterConfig(block_size=16, prefill_policy="round_robin"))
+        p0 = dep.prefill["prefill-0"]
+        tasks: list[tuple[str, list[int]]] = []
+        for wid, p in dep.prefill.items():
+            real = p._prefill
+
+            async def prefill(task, on_first, wid=wid, real=real):
+                tasks.append((wid, list(task.resume_token_ids)))
+                return await real(task, on_first)
+            p._prefill = prefill
+        sent_before_failure: list[int] = []
+
+        async def gate(phase, key):
+            if phase == "first_token":
+                await asyncio.sleep(0.2)            # the early token reaches the client
+                sent_before_failure.append(next(iter(dep.router.states.values())).tokens_sent)
+                p0.exports[key][0].abort()          # the transfer fails after it
+        p0.gate = gate
+        try:
+            out = await collect(dep.router, ids, params)
+            return out, tasks, sent_before_failure, dict(dep.router.events), \
+                await settled(dep), dep.router.ledger
+        finally:
+            await dep.stop()
+
+    (toks, text, deltas), tasks, sent, events, used, ledger = asyncio.run(run())
+    assert sent == [1]
+    assert tasks == [("prefill-0", []), ("prefill-1", ref.token_ids[:1])]
+    assert events["retries"] == 1
+    assert toks == ref.token_ids and text == ref.text
+    assert deltas[-1].usage.completion_tokens == len(ref.token_ids)
+    assert used == [0, 0, 0]
+    assert ledger.counts["completed"] == 1 and ledger.lost() == 0 and ledger.double_finish == 0
+
+
+def test_a_decode_worker_lost_after_only_the_first_token_resumes(default_model_dir, llm):
+    """The tokens a client has are all P's: the request resumes on another decode
+    worker instead of failing. (After a token from a decode step it fails, as before.)"""
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    ids = llm.tokenizer.encode(PROMPT)
+    ref = llm.generate([ids], params)[0]
+
+    async def run():
+        dep = await deploy_in_process(spec(default_model_dir), 1, 2, RouterConfig(block_size=16))
+        p = dep.prefill["prefill-0"]
+        lost: list[str] = []
+
+        async def gate(phase, key):
+            if phase == "first_token" and not lost:
+                await asyncio.sleep(0.2)           # the early token reaches the client
+                st = next(iter(dep.router.states.values()))
+                lost.append(st.decode_id)
+                # what the router's poller does when a poll fails (it re-attaches later)
+                asyncio.ensure_future(dep.router._decode_lost(st.decode_id,
+                                                              RuntimeError("test: lost")))
+        p.gate = gate
+        try:
+            out = await collect(dep.router, ids, params)
+            return out, lost, dict(dep.router.events), dep.router.ledger
+        finally:
+            await dep.stop()
+
+    (toks, text, _), lost, events, ledger = asyncio.run(run())
+    assert len(lost) == 1 and events["decode_lost"] == 1 and events["retries"] == 1
+    assert toks == ref.token_ids and text == ref.text
+    assert ledger.counts["completed"] == 1 and ledger.lost() == 0
