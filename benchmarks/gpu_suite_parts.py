@@ -675,8 +675,10 @@ async def _load(router: Any, reqs: list[Req], rate: float, seed: int) -> dict:
 
 def ttft_phases(router: Any, request_ids: set[str]) -> dict[str, float]:
     """Median ms of each leg of TTFT, from the router's ledger records: admission ->
-    blocks reserved (or colocated submit accepted) -> P's prefill call returned (P's own
-    prefill and transfer times inside it) -> first token at the router."""
+    dispatched (colocated: submit accepted; disaggregated: the task sent to P, after the
+    reserve unless it runs beside the prefill) -> first token at the router, and on the
+    disaggregated path P's prefill call (P's own prefill and transfer times inside it),
+    which now returns after the first token: P streams it before the KV hand-off."""
     recs = [r for r in router.ledger.history if r.request_id in request_ids
             and r.first_token_at is not None and r.dispatched_at is not None]
     legs: dict[str, list[float]] = {}
@@ -686,13 +688,11 @@ def ttft_phases(router: Any, request_ids: set[str]) -> dict[str, float]:
 
     for r in recs:
         add("dispatch", r.dispatched_at - r.accepted_at)
+        add("to_first_token", r.first_token_at - r.dispatched_at)
         if r.prefill_done_at is not None:
             add("prefill_call", r.prefill_done_at - r.dispatched_at)
             add("p_prefill", r.prefill_seconds)
             add("p_transfer", r.transfer_seconds)
-            add("to_first_token", r.first_token_at - r.prefill_done_at)
-        else:
-            add("to_first_token", r.first_token_at - r.dispatched_at)
     return {k: statistics.median(v) for k, v in legs.items()}
 
 

@@ -376,16 +376,22 @@ class Router:
         the reservation goes to P as soon as D grants it. A failed reserve raises as in
         the serial path; the caller's abort of the attempt then stops P too."""
         call = asyncio.ensure_future(self._watch_prefill(pw, data, on_first))
+        attach: asyncio.Future | None = None
         try:
             res = await self._reserve_or_submit(state, inp, sampling, deadline_ms, False, tried_d)
             if not call.done():      # else P already answered (an error): its reply says why
                 msg = worker_pb2.AttachReservation(request_id=state.rec.request_id,
                                                    attempt_id=state.attempt, reservation=res)
-                await pw.client.attach_reservation(msg.SerializeToString())
+                # Not awaited here: a stalled P would hang it. The prefill call is watched
+                # (health checks), and a P that never got the reservation fails its
+                # hand-off when its wait for it times out.
+                attach = asyncio.ensure_future(pw.client.attach_reservation(msg.SerializeToString()))
+                attach.add_done_callback(_consume)
             return await call
         finally:
-            if not call.done():
-                call.cancel()
+            for t in (call, attach):
+                if t is not None and not t.done():
+                    t.cancel()
 
     async def _watch_prefill(self, pw: _Worker, data: bytes,
                              on_first: Callable[[worker_pb2.FirstToken], None]) -> bytes:
@@ -703,6 +709,12 @@ class _Retry(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+def _consume(t: asyncio.Future) -> None:
+    """Done callback of a call nobody awaits: its failure is seen elsewhere."""
+    if not t.cancelled() and t.exception() is not None:
+        logger.debug("background call failed: %r", t.exception())
 
 
 async def _quiet(aw) -> None:
