@@ -229,6 +229,9 @@ class Router:
                 await self._dispatch(state, inp, tried_p, tried_d)
                 async for delta in self._stream(state, inp):
                     yield delta
+                # Done. P's reply may still be on its way (D can finish a short request
+                # first): let the leg take it, for the transfer metrics.
+                self._detach_leg(state)
                 return
             except _Retry as r:
                 self._abort_attempt(state)
@@ -244,6 +247,12 @@ class Router:
                 leg, state.leg = state.leg, None
                 if leg is not None and not leg.done():
                     leg.cancel()
+
+    def _detach_leg(self, state: _State) -> None:
+        leg, state.leg = state.leg, None
+        if leg is not None and not leg.done():
+            self._tasks.append(leg)
+            leg.add_done_callback(self._forget)
 
     async def _dispatch(self, state: _State, inp: GenerateInput, tried_p: set[str],
                         tried_d: set[str]) -> None:

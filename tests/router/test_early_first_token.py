@@ -201,3 +201,38 @@ def test_a_decode_worker_lost_after_only_the_first_token_resumes(default_model_d
     assert len(lost) == 1 and events["decode_lost"] == 1 and events["retries"] == 1
     assert toks == ref.token_ids and text == ref.text
     assert ledger.counts["completed"] == 1 and ledger.lost() == 0
+
+
+def test_a_reply_that_comes_after_the_request_ended_is_still_recorded(default_model_dir, llm):
+    """D can finish a short request before P's reply reaches the router (the first token
+    no longer waits for it): the reply is still taken, with the transfer's figures."""
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    ids = llm.tokenizer.encode(PROMPT)
+
+    async def run():
+        dep = await deploy_in_process(spec(default_model_dir), 1, 1, RouterConfig(block_size=16))
+        r = dep.router
+        waited: list[bool] = []
+
+        async def gate(phase, key):
+            if phase == "completed":        # D acknowledged; P's reply not sent yet
+                loop = asyncio.get_running_loop()
+                end = loop.time() + 10
+                while r.ledger.counts["completed"] == 0 and loop.time() < end:
+                    await asyncio.sleep(0.01)
+                waited.append(r.ledger.counts["completed"] == 1)
+        dep.prefill["prefill-0"].gate = gate
+        try:
+            toks, _, _ = await collect(r, ids, params)
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 5
+            while r.ledger.history[-1].prefill_done_at is None and loop.time() < end:
+                await asyncio.sleep(0.01)
+            return toks, waited, r.ledger.history[-1], r.prefill["prefill-0"].view.inflight
+        finally:
+            await dep.stop()
+
+    toks, waited, rec, inflight = asyncio.run(run())
+    assert len(toks) == 2 and waited == [True]
+    assert rec.prefill_done_at is not None and rec.transfer_seconds > 0
+    assert inflight == 0
