@@ -119,22 +119,23 @@ def test_a_first_token_that_ends_the_request_is_not_sent_early(default_model_dir
         assert early == [False]
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True),
-    SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, frequency_penalty=1.5,
-                   presence_penalty=0.5),
-], ids=["greedy", "penalties"])
+@pytest.mark.parametrize("params,n_prefill", [
+    (SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True), 2),
+    (SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, frequency_penalty=1.5,
+                    presence_penalty=0.5), 2),
+    (SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, frequency_penalty=1.5), 1),
+], ids=["greedy", "penalties", "colocated_retry"])
 def test_a_hand_off_that_fails_after_the_first_token_resumes_from_it(default_model_dir, llm,
-                                                                     params):
+                                                                     params, n_prefill):
     """prefill-0's transfer fails after its first token reached the client. The router
-    resumes on prefill-1 after that token (it counts as output: max_tokens, penalties),
-    and the client gets LLM.generate's tokens and text, with one retry and every block
-    back in its pool."""
+    resumes after that token (it counts as output: max_tokens, penalties) on prefill-1,
+    or, with no other prefill worker, colocated on the decode worker; the client gets
+    LLM.generate's tokens and text, with one retry and every block back in its pool."""
     ids = llm.tokenizer.encode(PROMPT)
     ref = llm.generate([ids], params)[0]
 
     async def run():
-        dep = await deploy_in_process(spec(default_model_dir), 2, 1,
+        dep = await deploy_in_process(spec(default_model_dir), n_prefill, 1,
                                       RouterConfig(block_size=16, prefill_policy="round_robin"))
         p0 = dep.prefill["prefill-0"]
         tasks: list[tuple[str, list[int]]] = []
@@ -162,11 +163,14 @@ def test_a_hand_off_that_fails_after_the_first_token_resumes_from_it(default_mod
 
     (toks, text, deltas), tasks, sent, events, used, ledger = asyncio.run(run())
     assert sent == [1]
-    assert tasks == [("prefill-0", []), ("prefill-1", ref.token_ids[:1])]
+    if n_prefill == 2:
+        assert tasks == [("prefill-0", []), ("prefill-1", ref.token_ids[:1])]
+    else:
+        assert tasks == [("prefill-0", [])] and events["colocated"] == 1
     assert events["retries"] == 1
     assert toks == ref.token_ids and text == ref.text
     assert deltas[-1].usage.completion_tokens == len(ref.token_ids)
-    assert used == [0, 0, 0]
+    assert used == [0] * (n_prefill + 1)
     assert ledger.counts["completed"] == 1 and ledger.lost() == 0 and ledger.double_finish == 0
 
 
