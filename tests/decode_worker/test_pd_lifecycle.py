@@ -4,6 +4,7 @@ step the test reads both workers' block pools."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -273,7 +274,6 @@ def test_a_reservation_that_never_comes_or_cannot_be_used(workers, loop, case):
     ids = prompt(p.engine.tokenizer)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     rid = f"follows-{case}"
-    import time
 
     async def run():
         res = None

@@ -10,7 +10,6 @@ import pytest
 
 from pdserve import LLM, SamplingParams
 from pdserve.cluster import deploy_in_process
-from pdserve.v1 import worker_pb2
 from pdserve.worker_spec import WorkerSpec
 from router.core import GenerateInput, RouterConfig
 
