@@ -71,6 +71,10 @@ class PrefillWorker(ProfiledWorker):
         self._layerwise = True   # set with the export hook, from the transport, in _start
         self.first: dict[str, asyncio.Future] = {}
         self.draining = False
+        # Attempts the router aborted before their task started here (the abort and the
+        # task are separate calls, and may arrive in either order): such a task is
+        # refused instead of computed. Bounded FIFO of keys, as on the decode worker.
+        self.ended: dict[str, None] = {}
         self.fault_plan = None
         self._starting: asyncio.Future | None = None     # start()'s one run (see start)
         # Phase gates (tests and fault drills): awaited as gate(phase, request_key) at
@@ -244,6 +248,9 @@ class PrefillWorker(ProfiledWorker):
                 handle = self.transport.open(res, task.request_id, task.attempt_id)
             except TransferError as e:
                 return _reply(worker_pb2.WORKER_ERROR_TRANSFER, f"cannot reach decode worker: {e}")
+        if key in self.ended:
+            handle.abort()
+            return _reply(worker_pb2.WORKER_ERROR_CANCELLED, "attempt was aborted")
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self.first[key] = fut
         self.exports[key] = (handle, nblocks)
@@ -438,6 +445,9 @@ class PrefillWorker(ProfiledWorker):
 
     async def abort(self, request_id: str, attempt_id: int) -> None:
         key = f"{request_id}/{attempt_id}"
+        self.ended[key] = None
+        if len(self.ended) > 10_000:
+            self.ended.pop(next(iter(self.ended)))
         exp = self.exports.get(key)
         if exp is not None:
             exp[0].abort()

@@ -298,3 +298,21 @@ def test_a_reservation_that_never_comes_or_cannot_be_used(workers, loop, case):
     assert loop.run_until_complete(settle(p, d)) == [0, 0]
     assert not p.exports and not p._early_res and len(d.table) == 0
     loop.run_until_complete(d.poll(ROUTER, 0.05))
+
+
+def test_an_abort_that_overtakes_its_task_is_not_computed(workers, loop):
+    """The router's abort and the task are separate calls: an abort that arrives first
+    makes the task a no-op (CANCELLED), so P never computes an attempt already ended."""
+    p, d = workers
+    ids = prompt(p.engine.tokenizer)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+    async def run():
+        await p.abort("overtaken", 1)
+        reply = worker_pb2.PrefillReply.FromString(
+            await p.prefill(follows_task("overtaken", ids, params).SerializeToString()))
+        return reply, p.engine.stats()["num_running"] + p.engine.stats()["num_waiting"]
+
+    reply, queued = loop.run_until_complete(run())
+    assert reply.code == worker_pb2.WORKER_ERROR_CANCELLED
+    assert queued == 0 and not p.exports and in_use(p) == 0
