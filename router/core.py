@@ -3,7 +3,7 @@
 How a request flows (disaggregated; see DESIGN "Request lifecycle"):
 
     admit (ledger; Overloaded → 429 / RESOURCE_EXHAUSTED before any stream starts)
-    for attempt in 1..1+max_retries:
+    for attempt in 1..1+max_retries (+1, the last resort: colocated on a D):
         D = decode policy (kv_free)          → D.reserve(prompt, sampling) → Reservation
         P = prefill policy (prefix_aware...) → P.prefill(task with Reservation)
               (overlap_reserve, when some D has room: both calls at once, and the
@@ -12,8 +12,11 @@ How a request flows (disaggregated; see DESIGN "Request lifecycle"):
               P computes, streams KV into D's blocks, sends the completion record;
               D starts decoding; its outputs reach us through D.poll() (one call per
               poll for all our requests on D), tagged with the attempt id
-        failure before any token reached the client → abort both sides, try another P
-        failure after a token → the request ends with an error
+        failure before any token reached the client → abort both sides, try another P;
+              after max_retries of those, one last attempt prefills on a decode
+              worker itself (colocated_last_resort: no second P, no transfer to fail)
+        failure after a token → the request ends with an error (a token that only
+              P sampled does not count: the next attempt resumes after it)
     stream D's outputs until the terminal one; deadline and client cancellation abort
     the current attempt on both workers.
 
@@ -54,6 +57,7 @@ class RouterConfig:
     disagg_threshold: int = 0            # prompts shorter than this skip the transfer
     max_inflight: int = 64               # admission limit
     max_retries: int = 1                 # re-prefills on another P, only before any token
+    colocated_last_resort: bool = True   # then one attempt colocated on a D (see above)
     lease_ms: int = 30_000
     reserve_wait_s: float = 5.0          # how long to wait for KV blocks on some D
     overlap_reserve: bool = True         # P starts computing while D reserves (see above)
@@ -154,7 +158,7 @@ class Router:
         self.draining = False                    # SIGTERM: admit nothing new
         self.transport_name = config.transport
         self.events: dict[str, int] = {"retries": 0, "decode_lost": 0, "transfer_failures": 0,
-                                       "colocated": 0, "disaggregated": 0}
+                                       "colocated": 0, "disaggregated": 0, "last_resort": 0}
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -219,14 +223,16 @@ class Router:
     async def _run(self, state: _State, inp: GenerateInput) -> AsyncIterator[Delta]:
         tried_p: set[str] = set()
         tried_d: set[str] = set()
-        max_attempts = 1 + self.config.max_retries
+        max_attempts = 1 + self.config.max_retries + int(self.config.colocated_last_resort)
         for attempt in range(1, max_attempts + 1):
             self._attempts += 1
             state.attempt = self._attempts          # globally unique per router
             state.queue = asyncio.Queue()
             state.rec.attempts = attempt
             try:
-                await self._dispatch(state, inp, tried_p, tried_d)
+                last_resort = (self.config.colocated_last_resort and attempt > 1
+                               and attempt == max_attempts)
+                await self._dispatch(state, inp, tried_p, tried_d, last_resort)
                 async for delta in self._stream(state, inp):
                     yield delta
                 # Done. P's reply may still be on its way (D can finish a short request
@@ -240,9 +246,11 @@ class Router:
                 if state.tokens_sent > state.p_tokens or attempt == max_attempts:
                     raise RequestFailed(r.kind, str(r)) from None
                 self.events["retries"] += 1
-                logger.info("%s: attempt %d failed (%s); retrying%s", state.rec.request_id,
+                next_last = self.config.colocated_last_resort and attempt + 1 == max_attempts
+                self.events["last_resort"] += int(next_last)
+                logger.info("%s: attempt %d failed (%s); retrying%s%s", state.rec.request_id,
                             attempt, r, f" after token {state.tokens_sent}"
-                            if state.tokens_sent else "")
+                            if state.tokens_sent else "", " colocated" if next_last else "")
             finally:
                 leg, state.leg = state.leg, None
                 if leg is not None and not leg.done():
@@ -255,14 +263,15 @@ class Router:
             leg.add_done_callback(self._forget)
 
     async def _dispatch(self, state: _State, inp: GenerateInput, tried_p: set[str],
-                        tried_d: set[str]) -> None:
+                        tried_d: set[str], last_resort: bool = False) -> None:
         """Start this attempt: colocated, submit to a decode worker; disaggregated, start
-        the prefill leg (its outcome reaches _stream through state.queue)."""
+        the prefill leg (its outcome reaches _stream through state.queue). The last
+        resort is colocated: it depends on one worker, and on no transfer."""
         rid = state.rec.request_id
         sampling = sampling_params_to_proto(inp.params)
         deadline_ms = int(inp.deadline * 1000) if inp.deadline else 0
         prefill = [w for k, w in self.prefill.items() if w.view.healthy and k not in tried_p]
-        colocated = (self.config.mode == "colocated" or not prefill
+        colocated = (self.config.mode == "colocated" or not prefill or last_resort
                      or len(inp.prompt_token_ids) < self.config.disagg_threshold)
         # The reservation follows the task when some decode worker seems to have room;
         # otherwise reserve first (waiting for blocks), so P never holds KV for long.
@@ -494,12 +503,19 @@ class Router:
 
     async def _stream(self, state: _State, inp: GenerateInput) -> AsyncIterator[Delta]:
         rid = state.rec.request_id
+        d_running = False        # D sent an output of this attempt: the hand-off is done
         while True:
             try:
                 item = await self._with_deadline(state.queue.get(), inp)
             except RequestFailed:
                 raise
             if isinstance(item, _LegFailed):
+                if d_running and isinstance(item.error, _Retry):
+                    # P died or stalled after D had the KV (its reply was still on the
+                    # way): nothing of this attempt is lost, D goes on decoding.
+                    logger.info("%s: prefill leg failed after the hand-off (%s); ignored",
+                                rid, item.error)
+                    continue
                 raise item.error
             # _run decides: a retry, or (a decode step's token already sent) an error
             if isinstance(item, _DecodeLost):
@@ -507,6 +523,7 @@ class Router:
                 raise _Retry("unavailable", str(item))
             early = isinstance(item, _Early)
             out: worker_pb2.DecodeOutput = item.out if early else item
+            d_running = d_running or not early
             new_ids = list(out.token_ids)
             text = out.text
             # Drop anything already delivered (a duplicate or replayed output).

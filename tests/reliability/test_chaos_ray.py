@@ -151,6 +151,10 @@ def test_chaos_300_requests(ray_cluster, default_model_dir):
     on_killed = {lab for lab, r in res["history"].items() if "decode-1" in r.workers}
     others = [e for e in ledger.entries.values() if str(e.index) not in on_killed]
     done = sum(e.outcome == "completed" for e in others)
+    for e in others:
+        if e.outcome != "completed":
+            r = res["history"].get(str(e.index))
+            print("not completed:", e.index, e.outcomes, r and (r.attempts, r.workers))
     assert done >= 0.97 * len(others), (done, len(others),
                                         [e.outcomes for e in others if e.outcome != "completed"][:5])
     # L4: back to baseline within lease + 1 s of the last terminal (a worker still

@@ -11,6 +11,7 @@ import pytest
 from pdserve import LLM, SamplingParams
 from pdserve.cluster import deploy_in_process
 from pdserve.worker_spec import WorkerSpec
+from router.clients import WorkerDied
 from router.core import GenerateInput, RouterConfig
 
 PROMPT = "Write a short note about moving the KV cache between two GPU workers."
@@ -239,3 +240,40 @@ def test_a_reply_that_comes_after_the_request_ended_is_still_recorded(default_mo
     assert len(toks) == 2 and waited == [True]
     assert rec.prefill_done_at is not None and rec.transfer_seconds > 0
     assert inflight == 0
+
+
+def test_a_prefill_worker_lost_after_the_hand_off_does_not_end_the_request(default_model_dir,
+                                                                           llm):
+    """P dies after D acknowledged Complete and started decoding, before P's reply reached
+    the router (it no longer waits for it): D has everything, so the request completes
+    with LLM.generate's tokens, with no retry and no error."""
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    ids = llm.tokenizer.encode(PROMPT)
+    ref = llm.generate([ids], params)[0]
+
+    async def run():
+        dep = await deploy_in_process(spec(default_model_dir), 1, 1, RouterConfig(block_size=16))
+        r = dep.router
+        decoded: list[int] = []
+
+        async def gate(phase, key):
+            if phase == "completed":        # D acknowledged; P's reply not sent yet
+                loop = asyncio.get_running_loop()
+                end = loop.time() + 10
+                while not any(s.tokens_sent >= 3 for s in r.states.values()) and loop.time() < end:
+                    await asyncio.sleep(0.01)
+                decoded.append(max(s.tokens_sent for s in r.states.values()))
+                raise WorkerDied("test: the prefill actor died")     # as Ray reports it
+        dep.prefill["prefill-0"].gate = gate
+        try:
+            out = await collect(r, ids, params)
+            return out, decoded, dict(r.events), await settled(dep), r.ledger
+        finally:
+            await dep.stop()
+
+    (toks, text, _), decoded, events, used, ledger = asyncio.run(run())
+    assert decoded and decoded[0] >= 3           # D's own tokens reached the client first
+    assert toks == ref.token_ids and text == ref.text
+    assert events["retries"] == 0
+    assert used == [0, 0]
+    assert ledger.counts["completed"] == 1 and ledger.lost() == 0 and ledger.double_finish == 0
