@@ -49,6 +49,15 @@ async def settled(dep, timeout: float = 3.0) -> list[int]:
         await asyncio.sleep(0.05)
 
 
+async def until(cond, timeout: float = 10.0) -> bool:
+    """Wait for cond() (polled every 10 ms) at most timeout seconds; its last value."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond() and loop.time() < end:
+        await asyncio.sleep(0.01)
+    return bool(cond())
+
+
 def test_the_first_token_is_streamed_before_the_kv_hand_off(default_model_dir, llm):
     """P holds its hand-off (gate after the first token, before the KV is finished) until
     the client got a delta: it comes from P, and the whole stream equals LLM.generate's."""
@@ -220,18 +229,11 @@ def test_a_reply_that_comes_after_the_request_ended_is_still_recorded(default_mo
 
         async def gate(phase, key):
             if phase == "completed":        # D acknowledged; P's reply not sent yet
-                loop = asyncio.get_running_loop()
-                end = loop.time() + 10
-                while r.ledger.counts["completed"] == 0 and loop.time() < end:
-                    await asyncio.sleep(0.01)
-                waited.append(r.ledger.counts["completed"] == 1)
+                waited.append(await until(lambda: r.ledger.counts["completed"] == 1))
         dep.prefill["prefill-0"].gate = gate
         try:
             toks, _, _ = await collect(r, ids, params)
-            loop = asyncio.get_running_loop()
-            end = loop.time() + 5
-            while r.ledger.history[-1].prefill_done_at is None and loop.time() < end:
-                await asyncio.sleep(0.01)
+            await until(lambda: r.ledger.history[-1].prefill_done_at is not None, 5.0)
             return toks, waited, r.ledger.history[-1], r.prefill["prefill-0"].view.inflight
         finally:
             await dep.stop()
@@ -258,10 +260,7 @@ def test_a_prefill_worker_lost_after_the_hand_off_does_not_end_the_request(defau
 
         async def gate(phase, key):
             if phase == "completed":        # D acknowledged; P's reply not sent yet
-                loop = asyncio.get_running_loop()
-                end = loop.time() + 10
-                while not any(s.tokens_sent >= 3 for s in r.states.values()) and loop.time() < end:
-                    await asyncio.sleep(0.01)
+                await until(lambda: any(s.tokens_sent >= 3 for s in r.states.values()))
                 decoded.append(max(s.tokens_sent for s in r.states.values()))
                 raise WorkerDied("test: the prefill actor died")     # as Ray reports it
         dep.prefill["prefill-0"].gate = gate
