@@ -34,7 +34,6 @@ from kv_transfer.reservations import ReservationEntry, ReservationTable
 
 logger = logging.getLogger(__name__)
 
-ROUTER_GONE_S = 10.0   # a live router polls at least every second
 
 ROLE_PB = {"prefill": worker_pb2.ROLE_PREFILL, "decode": worker_pb2.ROLE_DECODE,
            "both": worker_pb2.ROLE_BOTH}
@@ -89,7 +88,7 @@ class DecodeWorker(ProfiledWorker):
         self._tasks: list[asyncio.Task] = []
         self._starting: asyncio.Future | None = None     # start()'s one run (see start)
         # router id -> last poll (monotonic). A router that stops polling is gone: its
-        # requests are orphans and are ended here (ROUTER_GONE_S after its last poll).
+        # requests are orphans and are ended here (spec.router_gone_s after its last poll).
         self.last_poll: dict[str, float] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -233,15 +232,20 @@ class DecodeWorker(ProfiledWorker):
     async def abort(self, request_id: str, attempt_id: int) -> None:
         """End an attempt here (cancel, deadline, failed prefill): frees its blocks or
         reservation; late KV for it is then rejected by the receiver."""
-        key = f"{request_id}/{attempt_id}"
+        self._end(f"{request_id}/{attempt_id}", "aborted by router")
+
+    def _end(self, key: str, why: str) -> None:
+        """End an attempt: its reservation (blocks reserved for KV still to come) or its
+        sequence in the engine, whichever it has now."""
         self.ended[key] = None
         if len(self.ended) > 10_000:
             self.ended.pop(next(iter(self.ended)))
+        self.deadlines.pop(key, None)
         res_id = self.res_ids.pop(key, None)
         if res_id is not None:
             # Fail first: a chunk still in flight for this attempt is then rejected and
             # never lands in blocks that may be handed to someone else.
-            self.table.fail(res_id, "aborted by router", code=kv_pb2.KV_STATUS_STALE_ATTEMPT)
+            self.table.fail(res_id, why, code=kv_pb2.KV_STATUS_STALE_ATTEMPT)
             self.table.pop(res_id, "aborted")
         if self.aengine is not None:
             self.aengine.abort(key)
@@ -348,21 +352,22 @@ class DecodeWorker(ProfiledWorker):
             self.aengine.abort(key)
 
     def _drop_orphans(self, now: float) -> None:
-        gone = {r for r, t in self.last_poll.items() if now - t > ROUTER_GONE_S}
+        gone = {r for r, t in self.last_poll.items() if now - t > self.spec.router_gone_s}
         if not gone:
             return
         for key, (router_id, *_rest) in list(self.routes.items()):
-            if router_id in gone and self.aengine is not None:
+            if router_id in gone:
                 logger.info("router %s stopped polling: ending orphaned request %s", router_id, key)
-                self.routes.pop(key, None)
-                self.aengine.abort(key)
+                self.routes.pop(key, None)      # nobody to tell
+                self._end(key, f"router {router_id} is gone")
         for r in gone:
             self.last_poll.pop(r, None)
             self.outboxes.pop(r, None)
 
     async def _reaper(self) -> None:
-        """Expire leases (reservations whose KV never completed) and deadlines."""
-        period = max(0.05, self.spec.lease_s / 6)
+        """Expire leases (reservations whose KV never completed) and deadlines, and end
+        the attempts of routers that stopped polling."""
+        period = max(0.05, min(self.spec.lease_s, self.spec.router_gone_s) / 6)
         while True:
             await asyncio.sleep(period)
             for entry in self.table.expired(time.monotonic()):

@@ -41,6 +41,8 @@ class WorkerSpec:
     secret: str = ""                 # shared secret for internal KV channels
     lease_s: float = 30.0            # decode reservation lease
     transfer_timeout_s: float = 30.0
+    router_gone_s: float = 10.0      # D: a router silent this long (no poll; a live one
+                                     # polls every second) is gone, and its attempts end
     dist: DistSpec = field(default_factory=DistSpec)
     metrics_port: int = -1           # the worker's own /metrics: -1 off, 0 any free port
     faults: str = ""                 # a kv_transfer.faults.FaultPlan as JSON (tests, drills)
@@ -50,8 +52,8 @@ class WorkerSpec:
             raise ValueError(f"role must be prefill, decode or both, got {self.role!r}")
         if self.transport not in ("grpc", "nccl", "ipc", "local"):
             raise ValueError(f"unknown transport {self.transport!r}")
-        if self.lease_s <= 0 or self.transfer_timeout_s <= 0:
-            raise ValueError("lease_s and transfer_timeout_s must be > 0")
+        if self.lease_s <= 0 or self.transfer_timeout_s <= 0 or self.router_gone_s <= 0:
+            raise ValueError("lease_s, transfer_timeout_s and router_gone_s must be > 0")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
