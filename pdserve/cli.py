@@ -91,6 +91,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGTERM/Ctrl-C: seconds to let requests in flight finish (new ones get 503)")
+    p.add_argument("--write-timeout", type=float, default=30.0,
+                   help="seconds a streaming client may take no data before it is dropped "
+                        "and its request cancelled")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--cpus-per-worker", type=float, default=0.5)
     p.add_argument("--prefill-ray-resource", default=None,

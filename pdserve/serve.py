@@ -142,7 +142,8 @@ async def start_frontends(router: Any, tokenizer: Any, model_name: str, max_mode
     api_key = args.api_key or os.environ.get("PDSERVE_API_KEY") or None
     fe = Frontend(router=router, tokenizer=tokenizer, model_name=model_name,
                   max_model_len=max_model_len, api_key=api_key,
-                  metrics_registry=make_registry(router))
+                  metrics_registry=make_registry(router),
+                  write_timeout_s=getattr(args, "write_timeout", 30.0))
     tls = None
     if getattr(args, "tls_cert", None):
         if not args.tls_key:

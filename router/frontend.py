@@ -14,12 +14,13 @@ the two APIs cannot drift apart:
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Awaitable, Sequence
 
 from pdserve.protocol import sampling_params_from_proto
 from pdserve.sampling.params import SamplingParams
@@ -48,6 +49,19 @@ class BadRequest(ValueError):
         self.code = code
 
 
+class SlowReader(Exception):
+    """A streaming client took no data for Frontend.write_timeout_s."""
+
+
+async def write_bounded(aw: Awaitable[Any], timeout_s: float) -> Any:
+    """One write to a streaming client, given up (SlowReader) after timeout_s."""
+    try:
+        async with asyncio.timeout(timeout_s):      # no extra task per write
+            return await aw
+    except TimeoutError:
+        raise SlowReader(f"the client took no data for {timeout_s:g} s") from None
+
+
 @dataclass
 class Frontend:
     router: Router
@@ -62,6 +76,11 @@ class Frontend:
     # max_tokens should not hold a sequence slot for minutes.
     max_default_tokens: int = 4096
     vocab_size: int | None = None             # None: the tokenizer's (added tokens included)
+    # A streaming client that accepts no bytes for this long (its socket buffers and the
+    # server's are full) is dropped and its request cancelled: a stalled reader must not
+    # hold a sequence slot, KV blocks and an admission slot for as long as it stays
+    # connected.
+    write_timeout_s: float = 30.0
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -69,6 +88,8 @@ class Frontend:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if self.max_body_bytes < 1 or self.max_default_tokens < 1:
             raise ValueError("max_body_bytes and max_default_tokens must be >= 1")
+        if self.write_timeout_s <= 0:
+            raise ValueError(f"write_timeout_s must be > 0, got {self.write_timeout_s}")
         if self.api_key == "":
             self.api_key = None
 

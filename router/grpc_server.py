@@ -34,7 +34,7 @@ from pdserve.protocol import finish_reason_to_proto, stop_reason_to_proto
 from pdserve.v1 import generation_pb2 as pb
 from pdserve.v1 import generation_pb2_grpc as pb_grpc
 from router.core import Delta, GenerateInput, RequestFailed
-from router.frontend import BadRequest, Frontend
+from router.frontend import BadRequest, Frontend, SlowReader, write_bounded
 from router.ledger import Overloaded
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         failure: tuple[grpc.StatusCode, str, float | None] | None = None
         try:
             async for d in gen:
-                await context.write(_response(d))
+                # Bounded: HTTP/2 flow control holds a write while the client reads nothing,
+                # and a stalled reader must not keep its request running.
+                await write_bounded(context.write(_response(d)), self.fe.write_timeout_s)
+        except SlowReader as e:
+            logger.warning("dropped a streaming client: %s", e)
+            failure = (grpc.StatusCode.DEADLINE_EXCEEDED, str(e), None)
         except Overloaded as e:
             failure = (grpc.StatusCode.RESOURCE_EXHAUSTED, str(e), e.retry_after_s)
         except RequestFailed as e:

@@ -32,7 +32,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router.core import Delta, GenerateInput, RequestFailed
-from router.frontend import BadRequest, Frontend
+from router.frontend import BadRequest, Frontend, SlowReader, write_bounded
 from router.ledger import Overloaded
 from router.openai_format import (ChatRequest, CompletionRequest, Renderer, chat_messages,
                                   describe_error, error_param, read_json, validate)
@@ -135,7 +135,8 @@ class _Api:
             if isinstance(e, Exception):
                 return _failure_response(e)
             raise
-        return _SSEResponse(_sse(gen, first, render), on_close=gen.aclose)
+        return _SSEResponse(_sse(gen, first, render), on_close=gen.aclose,
+                            write_timeout_s=self.fe.write_timeout_s)
 
     def _prepare(self, req: CompletionRequest | ChatRequest,
                  headers: Headers) -> tuple[GenerateInput, Renderer]:
@@ -238,17 +239,23 @@ class _SSEResponse(StreamingResponse):
     """A StreamingResponse that always watches for the client going away (whatever the
     server's ASGI spec version) and always closes both the body and the router's
     generator afterwards: an interrupted `async for` would otherwise leave them open
-    until garbage collection, and the request running on the workers."""
+    until garbage collection, and the request running on the workers. A send that the
+    client does not take within write_timeout_s (the server's flow control holds it while
+    the socket buffers are full) ends the stream the same way: a stalled reader is gone."""
 
     def __init__(self, content: AsyncIterator[bytes],
-                 on_close: Callable[[], Awaitable[None]]) -> None:
+                 on_close: Callable[[], Awaitable[None]], write_timeout_s: float) -> None:
         # no-cache / X-Accel-Buffering: proxies (nginx) must pass each event at once.
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._on_close = on_close
+        self._write_timeout_s = write_timeout_s
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        stream = asyncio.ensure_future(self.stream_response(send))
+        async def bounded_send(message: Any) -> None:
+            await write_bounded(send(message), self._write_timeout_s)
+
+        stream = asyncio.ensure_future(self.stream_response(bounded_send))
         watch = asyncio.ensure_future(self.listen_for_disconnect(receive))
         try:
             await asyncio.wait({stream, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -258,7 +265,9 @@ class _SSEResponse(StreamingResponse):
             res = await asyncio.gather(stream, watch, return_exceptions=True)
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
             await self._on_close()
-            if isinstance(res[0], Exception):
+            if isinstance(res[0], SlowReader):
+                logger.warning("dropped a streaming client: %s", res[0])
+            elif isinstance(res[0], Exception):
                 logger.debug("stream ended early: %r", res[0])
 
 
