@@ -68,7 +68,7 @@ def test_a_router_that_stops_polling_leaves_nothing_on_the_decode_worker(default
 
     before, after, ended_after, routes, alive_tokens, pool = asyncio.run(run())
     assert active(before) == 2 and before["reservations"] == 1
-    assert ended_after is not None and GONE_S <= ended_after <= GONE_S + 1.0, ended_after
+    assert ended_after is not None and GONE_S <= ended_after <= GONE_S + 2.0, ended_after
     assert after["reservations"] == 0 and active(after) == 1
     assert routes == ["req-b/1"]            # only the polling router's request is left
     assert alive_tokens > 0                 # and it kept decoding meanwhile
