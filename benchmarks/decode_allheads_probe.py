@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -30,11 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(1, str(Path(__file__).resolve().parent))     # gpu_suite_parts
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from gpu_suite_parts import PAGE, ROTATE_BYTES, paged_copy, per_call_ms, rel_err  # noqa: E402
+from gpu_suite_parts import PAGE, DecodeCase, paged_copy, per_call_ms, rel_err  # noqa: E402
 
 SHAPES = [(1, 32768), (8, 4096), (32, 4096), (32, 32768), (128, 4096), (128, 32768)]
 TILES = list(itertools.product((1, 2), (4, 8), (2, 3)))      # (PAGES, num_warps, num_stages)
@@ -163,27 +161,15 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()} | GQA {hq}/{hkv}, head dim {d}, bf16, page {PAGE}", flush=True)
     results = []
     for bs, ctx in SHAPES:
-        kv_bytes = 2 * bs * ctx * hkv * d * 2
-        copies = max(1, min(64, math.ceil(ROTATE_BYTES / kv_bytes)))
-        k = torch.randn(copies * bs, hkv, ctx, d, dtype=torch.bfloat16, device=dev)
-        v = torch.randn_like(k)
-        kc, vc, bt = paged_copy(k, v, gen)
-        q = torch.randn(copies, bs, hq, d, dtype=torch.bfloat16, device=dev)
-        seq_lens = torch.full((bs,), ctx, dtype=torch.int32, device=dev)
-        scale = d ** -0.5
-
-        def sdpa(i: int) -> torch.Tensor:
-            rows = slice(i * bs, (i + 1) * bs)
-            return F.scaled_dot_product_attention(q[i].unsqueeze(2), k[rows], v[rows], scale=scale,
-                                                  enable_gqa=True).squeeze(2)
+        c = DecodeCase.make(bs, ctx, hq, hkv, d, gen, dev)
 
         def ours(i: int) -> torch.Tensor:
-            return ta.decode_attention(q[i], kc, vc, seq_lens, bt[i * bs:(i + 1) * bs], scale,
-                                       max_seq_len=ctx)
+            return ta.decode_attention(c.q[i], c.k_cache, c.v_cache, c.seq_lens, c.tables(i),
+                                       c.scale, max_seq_len=ctx)
 
-        ref = sdpa(0)
-        sdpa_ms, _ = per_call_ms([lambda i=i: sdpa(i) for i in range(copies)], dev)
-        ours_ms, _ = per_call_ms([lambda i=i: ours(i) for i in range(copies)], dev)
+        ref = c.sdpa(0)
+        sdpa_ms, _ = per_call_ms([lambda i=i: c.sdpa(i) for i in range(c.copies)], dev)
+        ours_ms, _ = per_call_ms([lambda i=i: ours(i) for i in range(c.copies)], dev)
         rows = []
         for tile in TILES:
             tokens = tile[0] * PAGE
@@ -192,11 +178,11 @@ def main() -> int:
                     continue
 
                 def var(i: int, tile=tile, splits=splits) -> torch.Tensor:
-                    return allheads_decode(q[i], kc, vc, seq_lens, bt[i * bs:(i + 1) * bs], scale,
-                                           splits, tile)
+                    return allheads_decode(c.q[i], c.k_cache, c.v_cache, c.seq_lens, c.tables(i),
+                                           c.scale, splits, tile)
                 try:
                     err = rel_err(var(0), ref)
-                    ms, _ = per_call_ms([lambda i=i: var(i) for i in range(copies)], dev)
+                    ms, _ = per_call_ms([lambda i=i: var(i) for i in range(c.copies)], dev)
                 except Exception as e:  # noqa: BLE001 - a tile that does not fit
                     rows.append({"tile": tile, "splits": splits, "error": str(e)[:200]})
                     continue
@@ -214,8 +200,6 @@ def main() -> int:
         for r in ok[1:4]:
             print(f"      {r['tile']} splits {r['splits']:3d}: {r['us']:8.1f} us {r['x_sdpa']:.3f}x SDPA",
                   flush=True)
-        del k, v, kc, vc, bt, q
-        torch.cuda.empty_cache()
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1, default=str))
     return 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -23,9 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from gpu_suite_parts import PAGE, ROTATE_BYTES, paged_copy, per_call_ms, rel_err  # noqa: E402
+from gpu_suite_parts import PAGE, DecodeCase, per_call_ms, rel_err  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
 SHAPES = [(1, 32768), (8, 4096), (32, 4096), (32, 32768), (128, 4096), (128, 32768)]
@@ -51,22 +49,10 @@ def main() -> int:
     sweep_tiles = TILES[:6] if args.quick else TILES
     results = []
     for bs, ctx in shapes:
-        kv_bytes = 2 * bs * ctx * hkv * d * 2
-        copies = max(1, min(64, math.ceil(ROTATE_BYTES / kv_bytes)))
-        k = torch.randn(copies * bs, hkv, ctx, d, dtype=torch.bfloat16, device=dev)
-        v = torch.randn_like(k)
-        kc, vc, bt = paged_copy(k, v, gen)
-        q = torch.randn(copies, bs, hq, d, dtype=torch.bfloat16, device=dev)
-        seq_lens = torch.full((bs,), ctx, dtype=torch.int32, device=dev)
-        scale = d ** -0.5
-
-        def sdpa(i: int) -> torch.Tensor:
-            rows = slice(i * bs, (i + 1) * bs)
-            return F.scaled_dot_product_attention(q[i].unsqueeze(2), k[rows], v[rows], scale=scale,
-                                                  enable_gqa=True).squeeze(2)
-
-        sdpa_ms, _ = per_call_ms([lambda i=i: sdpa(i) for i in range(copies)], dev)
-        ref = sdpa(0)
+        c = DecodeCase.make(bs, ctx, hq, hkv, d, gen, dev)
+        kv_bytes, copies = c.kv_bytes, c.copies
+        sdpa_ms, _ = per_call_ms([lambda i=i: c.sdpa(i) for i in range(copies)], dev)
+        ref = c.sdpa(0)
         default_splits = ta.choose_num_splits(bs, hkv, ctx, dev)
         default_tile = ta._decode_tiles(torch.bfloat16, d, bs * hkv * default_splits)
         tiles = [default_tile] + [t for t in sweep_tiles if t != default_tile]
@@ -75,8 +61,8 @@ def main() -> int:
         rows = []
         for tile, splits in itertools.product(tiles, split_options):
             def ours(i: int, tile=tile, splits=splits) -> torch.Tensor:
-                return ta.decode_attention(q[i], kc, vc, seq_lens, bt[i * bs:(i + 1) * bs], scale,
-                                           num_splits=splits, tiles=tile)
+                return ta.decode_attention(c.q[i], c.k_cache, c.v_cache, c.seq_lens, c.tables(i),
+                                           c.scale, num_splits=splits, tiles=tile)
             try:
                 err = rel_err(ours(0), ref)
                 ms, _ = per_call_ms([lambda i=i: ours(i) for i in range(copies)], dev)
@@ -96,8 +82,6 @@ def main() -> int:
               f"{best['splits']} err {best['err']:.1e}", flush=True)
         for r in top:
             print(f"      {r['tile']} splits {r['splits']:3d}: {r['us']:8.1f} us {r['x_sdpa']:.3f}x", flush=True)
-        del k, v, kc, vc, bt, q
-        torch.cuda.empty_cache()
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1, default=str))
     return 0

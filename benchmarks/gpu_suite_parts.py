@@ -198,6 +198,49 @@ def paged_copy(k: torch.Tensor, v: torch.Tensor, gen: torch.Generator
     return caches[0], caches[1], perm.view(s, nb).to(torch.int32)
 
 
+@dataclass
+class DecodeCase:
+    """Decode attention inputs for the GPU tools (tuning sweeps, probes): `copies`
+    rotated copies of a batch of bs sequences of ctx positions (bf16), dense for SDPA and
+    paged (random block order) for pdserve, so a timed pass moves >= ROTATE_BYTES."""
+    bs: int
+    ctx: int
+    k: torch.Tensor               # [copies * bs, Hkv, ctx, D]
+    v: torch.Tensor
+    k_cache: torch.Tensor         # [copies * bs * ctx / PAGE, PAGE, Hkv, D]
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor    # [copies * bs, ctx / PAGE] int32
+    q: torch.Tensor               # [copies, bs, Hq, D]
+    seq_lens: torch.Tensor        # [bs] int32, all ctx
+    copies: int
+    scale: float
+
+    @staticmethod
+    def make(bs: int, ctx: int, hq: int, hkv: int, d: int, gen: torch.Generator,
+             dev: torch.device) -> "DecodeCase":
+        kv_bytes = 2 * bs * ctx * hkv * d * 2
+        copies = max(1, min(64, math.ceil(ROTATE_BYTES / kv_bytes)))
+        k = torch.randn(copies * bs, hkv, ctx, d, dtype=torch.bfloat16, device=dev)
+        v = torch.randn_like(k)
+        kc, vc, bt = paged_copy(k, v, gen)
+        q = torch.randn(copies, bs, hq, d, dtype=torch.bfloat16, device=dev)
+        seq_lens = torch.full((bs,), ctx, dtype=torch.int32, device=dev)
+        return DecodeCase(bs, ctx, k, v, kc, vc, bt, q, seq_lens, copies, d ** -0.5)
+
+    @property
+    def kv_bytes(self) -> int:
+        return 2 * self.bs * self.ctx * self.k.shape[1] * self.k.shape[3] * self.k.element_size()
+
+    def tables(self, i: int) -> torch.Tensor:
+        return self.block_tables[i * self.bs:(i + 1) * self.bs]
+
+    def sdpa(self, i: int) -> torch.Tensor:
+        """torch SDPA (enable_gqa, contiguous KV) on copy i: [bs, Hq, D]."""
+        rows = slice(i * self.bs, (i + 1) * self.bs)
+        return F.scaled_dot_product_attention(self.q[i].unsqueeze(2), self.k[rows], self.v[rows],
+                                              scale=self.scale, enable_gqa=True).squeeze(2)
+
+
 def _ragged_decode_check(s: Any, gen: torch.Generator) -> float:
     """pdserve's decode kernel vs the fp32 torch reference on ragged lengths."""
     from pdserve.kernels import reference, triton_attention
