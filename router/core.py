@@ -383,7 +383,7 @@ class Router:
 
     def _decode_has_room(self, state: _State, inp: GenerateInput, tried_d: set[str]) -> bool:
         need = -(-(len(inp.prompt_token_ids) + len(state.delivered)) // self.config.block_size)
-        return any(w.view.healthy and k not in tried_d and w.view.kv_blocks_free >= need
+        return any(_accepting(w) and k not in tried_d and w.view.kv_blocks_free >= need
                    for k, w in self.decode.items())
 
     async def _prefill_overlapped(self, state: _State, inp: GenerateInput, sampling,
@@ -445,8 +445,10 @@ class Router:
         rid = state.rec.request_id
         give_up = time.monotonic() + self.config.reserve_wait_s
         while True:
-            decode = [w for k, w in self.decode.items() if w.view.healthy and k not in tried_d]
+            decode = [w for k, w in self.decode.items() if _accepting(w) and k not in tried_d]
             if not decode:
+                decode = [w for w in self.decode.values() if _accepting(w)]
+            if not decode:      # every healthy one drains: ask anyway, the answer says so
                 decode = [w for w in self.decode.values() if w.view.healthy]
             if not decode:
                 raise _Retry("unavailable", "no healthy decode worker")
@@ -495,6 +497,8 @@ class Router:
                 return result
             if code == worker_pb2.WORKER_ERROR_INVALID:
                 raise RequestFailed("invalid", err)
+            if code == worker_pb2.WORKER_ERROR_DRAINING:
+                dw.view.draining = True          # before the next load refresh says so
             # No capacity / draining: try again shortly (another D may free blocks).
             if time.monotonic() > give_up:
                 raise RequestFailed("exhausted", f"no decode capacity: {err}")
@@ -709,6 +713,7 @@ class Router:
                     return
             w.view.num_running, w.view.num_waiting = ld.num_running, ld.num_waiting
             w.view.kv_blocks_free, w.view.kv_blocks_total = ld.kv_blocks_free, ld.kv_blocks_total
+            w.view.draining = ld.draining
             if is_prefill:
                 w.view.healthy = not ld.draining
         await asyncio.gather(*[one(w, True) for w in self.prefill.values()],
@@ -735,6 +740,11 @@ class _Retry(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+def _accepting(w: _Worker) -> bool:
+    """May get new work: alive, and not draining (its requests in flight still finish)."""
+    return w.view.healthy and not w.view.draining
 
 
 def _consume(t: asyncio.Future) -> None:

@@ -30,6 +30,7 @@ class WorkerView:
     kv_blocks_total: int = 0
     inflight: int = 0          # this router's requests currently on the worker
     healthy: bool = True
+    draining: bool = False     # refuses new work; its requests in flight go on
 
     @property
     def queue(self) -> int:

@@ -103,3 +103,31 @@ def test_a_reserve_that_fails_while_prefill_computes_frees_everything(default_mo
     assert kind == "exhausted"
     assert exports == {} and reservations == 0 and used == [0, 0]
     assert ledger.counts["error"] == 1 and ledger.lost() == 0 and ledger.double_finish == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_draining_decode_worker_gets_no_new_work(default_model_dir):
+    """decode-0 drains (its drain() actor method): new requests go to decode-1 and
+    complete, instead of asking decode-0 again until the capacity wait runs out."""
+    async def run():
+        dep = await deploy_in_process(spec(default_model_dir), 1, 2,
+                                      RouterConfig(block_size=16, reserve_wait_s=2.0))
+        try:
+            await dep.decode["decode-0"].drain()
+            ids = dep.prefill["prefill-0"].engine.tokenizer.encode("Route me elsewhere " * 4)
+            got = []
+            for _ in range(3):
+                toks = []
+                async for d in dep.router.generate(GenerateInput(list(ids), PARAMS)):
+                    toks.extend(d.token_ids)
+                got.append(toks)
+            workers = [r.workers for r in dep.router.ledger.history]
+            return got, workers, dep.router.ledger, await idle(dep)
+        finally:
+            await dep.stop()
+
+    got, workers, ledger, used = asyncio.run(run())
+    assert all(len(t) == 6 for t in got) and got[0] == got[1] == got[2]
+    assert all("decode-0" not in w for w in workers), workers
+    assert ledger.counts["completed"] == 3 and ledger.counts["error"] == 0
+    assert used == [0, 0, 0]
