@@ -224,15 +224,14 @@ class Router:
         tried_p: set[str] = set()
         tried_d: set[str] = set()
         max_attempts = 1 + self.config.max_retries + int(self.config.colocated_last_resort)
+        resort_at = max_attempts if self.config.colocated_last_resort else None
         for attempt in range(1, max_attempts + 1):
             self._attempts += 1
             state.attempt = self._attempts          # globally unique per router
             state.queue = asyncio.Queue()
             state.rec.attempts = attempt
             try:
-                last_resort = (self.config.colocated_last_resort and attempt > 1
-                               and attempt == max_attempts)
-                await self._dispatch(state, inp, tried_p, tried_d, last_resort)
+                await self._dispatch(state, inp, tried_p, tried_d, attempt == resort_at)
                 async for delta in self._stream(state, inp):
                     yield delta
                 # Done. P's reply may still be on its way (D can finish a short request
@@ -246,7 +245,7 @@ class Router:
                 if state.tokens_sent > state.p_tokens or attempt == max_attempts:
                     raise RequestFailed(r.kind, str(r)) from None
                 self.events["retries"] += 1
-                next_last = self.config.colocated_last_resort and attempt + 1 == max_attempts
+                next_last = attempt + 1 == resort_at
                 self.events["last_resort"] += int(next_last)
                 logger.info("%s: attempt %d failed (%s); retrying%s%s", state.rec.request_id,
                             attempt, r, f" after token {state.tokens_sent}"
