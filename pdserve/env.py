@@ -56,6 +56,9 @@ VARS: dict[str, _Var] = {
         _Var("PDSERVE_PREFILL_GRAPH_MAX_TOKENS", 1024, int,
              "CUDA: one-prompt prefill steps of up to this many tokens replay a CUDA graph "
              "(one per 64-token bucket, captured at start); 0 runs them eagerly"),
+        _Var("PDSERVE_GEMV", True, _bool,
+             "CUDA: one-token steps run their linear layers through pdserve's split-K GEMV "
+             "kernels (pdserve/kernels/triton_gemv.py); 0 keeps cuBLAS"),
         _Var("PDSERVE_TUNE_MALLOC", True, _bool,
              "glibc: keep buffers up to 16 MiB on the heap in processes that stream KV over "
              "gRPC (no page faults per chunk); 0 leaves malloc's defaults"),
@@ -93,6 +96,10 @@ def cpu_gemm() -> str:
 
 def prefill_graph_max_tokens() -> int:
     return int(get("PDSERVE_PREFILL_GRAPH_MAX_TOKENS"))
+
+
+def gemv() -> bool:
+    return bool(get("PDSERVE_GEMV"))
 
 
 def tune_malloc() -> bool:

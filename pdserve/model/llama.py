@@ -97,6 +97,21 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return out if bias is None else out + bias
 
 
+def fused_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None,
+                 silu_mul: bool = False) -> Tensor:
+    """The Triton path's GEMM. One row on CUDA (a batch-1 decode step) runs pdserve's
+    split-K GEMV (pdserve/kernels/triton_gemv.py), which streams these weights faster
+    than cuBLAS; anything else runs F.linear. silu_mul: x is gate | up and the GEMM takes
+    silu(gate) * up, computed in the GEMV or by triton_fused.silu_and_mul before cuBLAS."""
+    from pdserve import env
+    from pdserve.kernels import triton_fused, triton_gemv
+    if x.shape[0] == 1 and triton_gemv.supports(x, weight) and env.gemv():
+        out = triton_gemv.linear_1row(x, weight, bias, silu_mul)
+        if out is not None:
+            return out
+    return F.linear(triton_fused.silu_and_mul(x) if silu_mul else x, weight, bias)
+
+
 def _best_ms(fn: Callable[[], object], reps: int = 3) -> float:
     fn()
     best = float("inf")
@@ -288,10 +303,10 @@ class Attention(nn.Module):
         self.qkv_weight = _fuse_rows(linears, "weight")
         self.qkv_bias = _fuse_rows(linears, "bias")
 
-    def _project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _project_qkv(self, x: Tensor, fused: bool) -> tuple[Tensor, Tensor, Tensor]:
         if self.qkv_weight is None:  # not fused yet (a model built by hand): three GEMMs
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        qkv = linear(x, self.qkv_weight, self.qkv_bias)                 # [T, q + 2 kv]
+        qkv = (fused_linear if fused else linear)(x, self.qkv_weight, self.qkv_bias)  # [T, q + 2 kv]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         return q, k, v
 
@@ -308,7 +323,7 @@ class Attention(nn.Module):
             q, k = qk[:, :hq], qk[:, hq:]
             v = qkv[:, self.q_size + self.kv_size:].view(T, hkv, d)
         else:
-            q, k, v = self._project_qkv(x)
+            q, k, v = self._project_qkv(x, fused)
             q, k, v = q.view(T, hq, d), k.view(T, hkv, d), v.view(T, hkv, d)
             if self.qk_norm:
                 q, k = self.q_norm(q), self.k_norm(k)
@@ -323,7 +338,8 @@ class Attention(nn.Module):
         if k is not None:
             self.ops.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         o = self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]
-        return linear(o.reshape(T, hq * d), self.o_proj.weight, self.o_proj.bias)
+        return (fused_linear if fused else linear)(o.reshape(T, hq * d), self.o_proj.weight,
+                                                    self.o_proj.bias)
 
 
 class MLP(nn.Module):
@@ -342,9 +358,8 @@ class MLP(nn.Module):
     def forward(self, x: Tensor, fused: bool = False) -> Tensor:
         # x: [T, hidden]
         if fused and self.gate_up_weight is not None:
-            from pdserve.kernels import triton_fused
-            return F.linear(triton_fused.silu_and_mul(F.linear(x, self.gate_up_weight)),
-                            self.down_proj.weight)
+            return fused_linear(fused_linear(x, self.gate_up_weight), self.down_proj.weight,
+                                silu_mul=True)
         if self.gate_up_weight is None:  # not fused yet: two GEMMs
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
@@ -442,7 +457,8 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
         # hidden: [n, hidden] (usually each sequence's last token) -> [n, vocab] float32
-        return linear(hidden, self.lm_head_weight()).float().contiguous()
+        fused = getattr(self.model.layers[0].self_attn.ops, "name", None) == "triton"
+        return (fused_linear if fused else linear)(hidden, self.lm_head_weight()).float().contiguous()
 
 
 def kv_cache_shape(config: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
