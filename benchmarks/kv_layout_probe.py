@@ -13,6 +13,11 @@ layout over a small tile x split sweep, as gpu_suite part b times its cases (CUD
 replays over rotated copies of the inputs). The answer goes into benchmarks/RESULTS.md.
 
     python benchmarks/kv_layout_probe.py [--out OUT.json]
+
+With --merge-ab it instead times, on the token-major layout, the decode kernel merging
+its splits in the same launch (the default) against the separate reduce kernel, twice
+each, alternating, at the goal's shapes, bs 1 / ctx 32k, and the 8B decode step's bs 1 /
+ctx 1025.
 """
 from __future__ import annotations
 
@@ -40,16 +45,56 @@ def head_major(cache: torch.Tensor) -> torch.Tensor:
     return cache.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
 
 
+def merge_ab(ta, hq: int, hkv: int, d: int, gen: torch.Generator, dev: torch.device,
+             out: str) -> int:
+    results = []
+    for bs, ctx in sorted(SWEPT) + [(1, 32768), (1, 1040)]:
+        c = DecodeCase.make(bs, ctx, hq, hkv, d, gen, dev)
+        splits = ta.choose_num_splits(bs, hkv, ctx, dev)
+
+        def us(merge: bool) -> float:
+            calls = [lambda i=i: ta.decode_attention(c.q[i], c.k_cache, c.v_cache, c.seq_lens,
+                                                     c.tables(i), c.scale, num_splits=splits,
+                                                     merge_in_launch=merge)
+                     for i in range(c.copies)]
+            return per_call_ms(calls, dev)[0] * 1e3
+        ref = c.sdpa(0)
+        err = rel_err(ta.decode_attention(c.q[0], c.k_cache, c.v_cache, c.seq_lens, c.tables(0),
+                                          c.scale, num_splits=splits), ref)
+        sdpa = per_call_ms([lambda i=i: c.sdpa(i) for i in range(c.copies)], dev)[0] * 1e3
+        times = {"in_launch": [], "reduce_kernel": []}
+        for _ in range(2):
+            times["in_launch"].append(us(True))
+            times["reduce_kernel"].append(us(False))
+        row = {"bs": bs, "ctx": ctx, "splits": splits, "sdpa_us": sdpa, "err": err, **times}
+        results.append(row)
+        a, b = min(times["in_launch"]), min(times["reduce_kernel"])
+        print(f"bs {bs:4d} ctx {ctx:6d} splits {splits:3d}: SDPA {sdpa:8.1f} us | in-launch merge "
+              f"{times['in_launch'][0]:8.1f}/{times['in_launch'][1]:8.1f} ({sdpa / a:.3f}x SDPA, err "
+              f"{err:.1e}) | reduce kernel {times['reduce_kernel'][0]:8.1f}/"
+              f"{times['reduce_kernel'][1]:8.1f} ({sdpa / b:.3f}x SDPA) | in-launch x{b / a:.3f}",
+              flush=True)
+        del c
+        torch.cuda.empty_cache()
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(results, indent=1))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--merge-ab", action="store_true")
     args = ap.parse_args()
     from pdserve.kernels import triton_attention as ta
     hq, hkv, d = 32, 8, 128
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     print(f"{torch.cuda.get_device_name()} | GQA {hq}/{hkv}, head dim {d}, bf16, page {PAGE}", flush=True)
+    if args.merge_ab:
+        return merge_ab(ta, hq, hkv, d, gen, dev, args.out)
     results = []
     for bs, ctx in SHAPES:
         c = DecodeCase.make(bs, ctx, hq, hkv, d, gen, dev)
