@@ -76,6 +76,34 @@ def merge_ab(ta, hq: int, hkv: int, d: int, gen: torch.Generator, dev: torch.dev
               flush=True)
         del c
         torch.cuda.empty_cache()
+    # Batch 1 at short contexts (the 8B decode step's): split count x tile, both merges.
+    for ctx in (512, 1040, 4096):
+        c = DecodeCase.make(1, ctx, hq, hkv, d, gen, dev)
+        rows = []
+        for splits in (2, 4, 8, 16, 32, 64):
+            for tiles in ((64, 4, None), (32, 4, None), (16, 4, None)):
+                if ctx / splits < tiles[0]:
+                    continue
+                for merge in (True, False):
+                    calls = [lambda i=i, s=splits, t=tiles, m=merge: ta.decode_attention(
+                        c.q[i], c.k_cache, c.v_cache, c.seq_lens, c.tables(i), c.scale,
+                        num_splits=s, tiles=t, merge_in_launch=m) for i in range(c.copies)]
+                    rows.append({"splits": splits, "tiles": tiles, "merge": merge,
+                                 "us": per_call_ms(calls, dev)[0] * 1e3})
+        rows.sort(key=lambda r: r["us"])
+        default = ta.choose_num_splits(1, hkv, ctx, dev)
+        results.append({"bs": 1, "ctx": ctx, "default_splits": default, "sweep": rows})
+        print(f"bs 1 ctx {ctx}: default splits {default}; fastest: " + "; ".join(
+            f"{r['us']:.1f} us s{r['splits']} n{r['tiles'][0]} {'in' if r['merge'] else 'rk'}"
+            for r in rows[:6]), flush=True)
+        for merge in (True, False):
+            r = [x for x in rows if x["splits"] == default and x["tiles"][0] == 64
+                 and x["merge"] == merge]
+            if r:
+                print(f"    default tiles, {'in-launch' if merge else 'reduce kernel'}: "
+                      f"{r[0]['us']:.1f} us", flush=True)
+        del c
+        torch.cuda.empty_cache()
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(results, indent=1))

@@ -70,6 +70,7 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs so fp32 does not silently drop to tf32
     count_ptr=None,               # int32 [B * Hkv] tickets: merge the splits in this launch
     MERGE: tl.constexpr = False,
+    BLOCK_S: tl.constexpr = 1,    # num_splits rounded up to a power of two (MERGE)
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -132,29 +133,33 @@ def _decode_split_kernel(
             ticket_ptr = count_ptr + b64 * tl.num_programs(1) + kvh
             ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
             if ticket == num_splits - 1:
-                first = (b64 * num_heads + heads) * num_splits          # [BLOCK_G]
-                m_all = tl.full([BLOCK_G], float("-inf"), tl.float32)
-                l_all = tl.zeros([BLOCK_G], tl.float32)
-                o = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-                for sp in range(0, num_splits):   # split order: deterministic
-                    m_s = tl.load(part_m_ptr + first + sp, mask=gmask, other=float("-inf"),
-                                  cache_modifier=".cg")
-                    l_s = tl.load(part_l_ptr + first + sp, mask=gmask, other=0.0,
-                                  cache_modifier=".cg")
-                    a_s = tl.load(part_acc_ptr + (first + sp)[:, None] * HEAD_DIM + offs_d[None, :],
-                                  mask=gmask[:, None] & dmask[None, :], other=0.0,
-                                  cache_modifier=".cg")
-                    m_new = tl.maximum(m_all, m_s)
-                    ref = tl.where(m_new > float("-inf"), m_new, 0.0)    # all empty so far
-                    w_all = tl.exp2(m_all - ref)                         # 0 for -inf
-                    w_s = tl.exp2(m_s - ref)
-                    l_all = l_all * w_all + l_s * w_s
-                    o = o * w_all[:, None] + a_s * w_s[:, None]
-                    m_all = m_new
-                out = o / tl.where(l_all > 0, l_all, 1.0)[:, None]
-                tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                         out.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
+                offs_s = tl.arange(0, BLOCK_S)
+                for g in tl.static_range(G):        # all splits of a head in one load
+                    head = kvh * G + g
+                    _merge_head(part_m_ptr, part_l_ptr, part_acc_ptr,
+                                out_ptr + b64 * stride_ob + head * stride_oh,
+                                (b64 * num_heads + head) * num_splits, num_splits, offs_s,
+                                offs_d, dmask, HEAD_DIM, ".cg")
                 tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _merge_head(part_m_ptr, part_l_ptr, part_acc_ptr, out_row_ptr, row0, num_splits, offs_s,
+                offs_d, dmask, HEAD_DIM: tl.constexpr, CACHE: tl.constexpr):
+    """Merge the num_splits partials of one (sequence, head), rows row0.. of the scratch,
+    into its normalised output at out_row_ptr."""
+    smask = offs_s < num_splits
+    row = row0 + offs_s  # [BLOCK_S]
+    m = tl.load(part_m_ptr + row, mask=smask, other=float("-inf"), cache_modifier=CACHE)
+    l = tl.load(part_l_ptr + row, mask=smask, other=0.0, cache_modifier=CACHE)
+    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=smask[:, None] & dmask[None, :], other=0.0,
+                  cache_modifier=CACHE)  # [BLOCK_S, BLOCK_D]
+    m_max = tl.max(m, axis=0)
+    w = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)  # empty splits weigh nothing
+    l_tot = tl.sum(w * l, axis=0)
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(l_tot > 0, l_tot, 1.0)
+    tl.store(out_row_ptr + offs_d, out.to(out_row_ptr.dtype.element_ty), mask=dmask)
 
 
 @triton.jit
@@ -166,21 +171,9 @@ def _decode_reduce_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    smask = offs_s < num_splits
-    dmask = offs_d < HEAD_DIM
-    row = (b * tl.num_programs(1) + h) * num_splits + offs_s  # [BLOCK_S]
-    m = tl.load(part_m_ptr + row, mask=smask, other=float("-inf"))
-    l = tl.load(part_l_ptr + row, mask=smask, other=0.0)
-    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=smask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
-    m_max = tl.max(m, axis=0)
-    w = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)  # empty splits weigh nothing
-    l_tot = tl.sum(w * l, axis=0)
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(l_tot > 0, l_tot, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=dmask)
+    _merge_head(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr + b * stride_ob + h * stride_oh,
+                (b * tl.num_programs(1) + h) * num_splits, num_splits, tl.arange(0, BLOCK_S),
+                tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_D) < HEAD_DIM, HEAD_DIM, "")
 
 
 @triton.jit
@@ -409,7 +402,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tens
     seq_lens = seq_lens.contiguous()
     counters = None if one or not merge_in_launch else _merge_counters(q.device, bsz * hkv)
     if counters is not None:
-        extra.update(count_ptr=counters, MERGE=True)
+        extra.update(count_ptr=counters, MERGE=True, BLOCK_S=triton.next_power_of_2(num_splits))
     _decode_split_kernel[(bsz, hkv, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_m, part_l, part_acc,
         scale * _LOG2E, num_splits,

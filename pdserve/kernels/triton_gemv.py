@@ -112,7 +112,8 @@ def _gemv_fma_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr, N, K, s
 @triton.jit
 def _gemv_dot_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr, N, K, stride_wn,
                      K_SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr):
+                     BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -130,7 +131,7 @@ def _gemv_dot_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr, N, K, s
         else:
             x = tl.load(x_ptr + rk)
         xs = tl.where(first, x[None, :], 0.0).to(w.dtype)       # [16, BLOCK_K]
-        acc = tl.dot(w, tl.trans(xs), acc)
+        acc = tl.dot(w, tl.trans(xs), acc, input_precision=DOT_PRECISION)
     _finish(tl.sum(acc, axis=1), rn, nmask, out_ptr, bias_ptr, ws_ptr, count_ptr, N, pid_n,
             pid_k, SPLITS, BLOCK_N, HAS_BIAS)
 
@@ -178,7 +179,9 @@ def gemv(x: Tensor, weight: Tensor, cfg: GemvConfig, silu_mul: bool = False,
                                UNROLL=cfg.unroll, **common)
     else:
         _gemv_dot_kernel[grid](x, weight, b, out, ws, count, n, k, weight.stride(0),
-                               num_stages=cfg.num_stages, **common)
+                               num_stages=cfg.num_stages,
+                               DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                               **common)
     return out
 
 
