@@ -14,10 +14,8 @@ replays over rotated copies of the inputs). The answer goes into benchmarks/RESU
 
     python benchmarks/kv_layout_probe.py [--out OUT.json]
 
-With --merge-ab it instead times, on the token-major layout, the decode kernel merging
-its splits in the same launch (the default) against the separate reduce kernel, twice
-each, alternating, at the goal's shapes, bs 1 / ctx 32k, and the 8B decode step's bs 1 /
-ctx 1025.
+With --split-sweep it instead times batch 1 at contexts 512, 1040 and 4096 (the 8B decode
+step's) over split counts x BLOCK_N, against pdserve's own choice.
 """
 from __future__ import annotations
 
@@ -45,38 +43,10 @@ def head_major(cache: torch.Tensor) -> torch.Tensor:
     return cache.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
 
 
-def merge_ab(ta, hq: int, hkv: int, d: int, gen: torch.Generator, dev: torch.device,
-             out: str) -> int:
+def split_sweep(ta, hq: int, hkv: int, d: int, gen: torch.Generator, dev: torch.device,
+                out: str) -> int:
     results = []
-    for bs, ctx in sorted(SWEPT) + [(1, 32768), (1, 1040)]:
-        c = DecodeCase.make(bs, ctx, hq, hkv, d, gen, dev)
-        splits = ta.choose_num_splits(bs, hkv, ctx, dev)
-
-        def us(merge: bool) -> float:
-            calls = [lambda i=i: ta.decode_attention(c.q[i], c.k_cache, c.v_cache, c.seq_lens,
-                                                     c.tables(i), c.scale, num_splits=splits,
-                                                     merge_in_launch=merge)
-                     for i in range(c.copies)]
-            return per_call_ms(calls, dev)[0] * 1e3
-        ref = c.sdpa(0)
-        err = rel_err(ta.decode_attention(c.q[0], c.k_cache, c.v_cache, c.seq_lens, c.tables(0),
-                                          c.scale, num_splits=splits), ref)
-        sdpa = per_call_ms([lambda i=i: c.sdpa(i) for i in range(c.copies)], dev)[0] * 1e3
-        times = {"in_launch": [], "reduce_kernel": []}
-        for _ in range(2):
-            times["in_launch"].append(us(True))
-            times["reduce_kernel"].append(us(False))
-        row = {"bs": bs, "ctx": ctx, "splits": splits, "sdpa_us": sdpa, "err": err, **times}
-        results.append(row)
-        a, b = min(times["in_launch"]), min(times["reduce_kernel"])
-        print(f"bs {bs:4d} ctx {ctx:6d} splits {splits:3d}: SDPA {sdpa:8.1f} us | in-launch merge "
-              f"{times['in_launch'][0]:8.1f}/{times['in_launch'][1]:8.1f} ({sdpa / a:.3f}x SDPA, err "
-              f"{err:.1e}) | reduce kernel {times['reduce_kernel'][0]:8.1f}/"
-              f"{times['reduce_kernel'][1]:8.1f} ({sdpa / b:.3f}x SDPA) | in-launch x{b / a:.3f}",
-              flush=True)
-        del c
-        torch.cuda.empty_cache()
-    # Batch 1 at short contexts (the 8B decode step's): split count x tile, both merges.
+    # Batch 1 at short contexts (the 8B decode step's): split count x tile.
     for ctx in (512, 1040, 4096):
         c = DecodeCase.make(1, ctx, hq, hkv, d, gen, dev)
         rows = []
@@ -84,24 +54,22 @@ def merge_ab(ta, hq: int, hkv: int, d: int, gen: torch.Generator, dev: torch.dev
             for tiles in ((64, 4, None), (32, 4, None), (16, 4, None)):
                 if ctx / splits < tiles[0]:
                     continue
-                for merge in (True, False):
-                    calls = [lambda i=i, s=splits, t=tiles, m=merge: ta.decode_attention(
-                        c.q[i], c.k_cache, c.v_cache, c.seq_lens, c.tables(i), c.scale,
-                        num_splits=s, tiles=t, merge_in_launch=m) for i in range(c.copies)]
-                    rows.append({"splits": splits, "tiles": tiles, "merge": merge,
-                                 "us": per_call_ms(calls, dev)[0] * 1e3})
+                calls = [lambda i=i, s=splits, t=tiles: ta.decode_attention(
+                    c.q[i], c.k_cache, c.v_cache, c.seq_lens, c.tables(i), c.scale,
+                    num_splits=s, tiles=t) for i in range(c.copies)]
+                rows.append({"splits": splits, "tiles": tiles,
+                             "us": per_call_ms(calls, dev)[0] * 1e3})
+        calls = [lambda i=i: ta.decode_attention(c.q[i], c.k_cache, c.v_cache, c.seq_lens,
+                                                 c.tables(i), c.scale, max_seq_len=ctx)
+                 for i in range(c.copies)]
+        default_us = per_call_ms(calls, dev)[0] * 1e3
         rows.sort(key=lambda r: r["us"])
         default = ta.choose_num_splits(1, hkv, ctx, dev)
-        results.append({"bs": 1, "ctx": ctx, "default_splits": default, "sweep": rows})
-        print(f"bs 1 ctx {ctx}: default splits {default}; fastest: " + "; ".join(
-            f"{r['us']:.1f} us s{r['splits']} n{r['tiles'][0]} {'in' if r['merge'] else 'rk'}"
-            for r in rows[:6]), flush=True)
-        for merge in (True, False):
-            r = [x for x in rows if x["splits"] == default and x["tiles"][0] == 64
-                 and x["merge"] == merge]
-            if r:
-                print(f"    default tiles, {'in-launch' if merge else 'reduce kernel'}: "
-                      f"{r[0]['us']:.1f} us", flush=True)
+        results.append({"bs": 1, "ctx": ctx, "default_splits": default,
+                        "default_us": default_us, "sweep": rows})
+        print(f"bs 1 ctx {ctx}: pdserve's choice ({default} splits) {default_us:.1f} us; "
+              "fastest: " + "; ".join(f"{r['us']:.1f} us s{r['splits']} n{r['tiles'][0]}"
+                                       for r in rows[:6]), flush=True)
         del c
         torch.cuda.empty_cache()
     if out:
@@ -114,15 +82,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="")
     ap.add_argument("--no-sweep", action="store_true")
-    ap.add_argument("--merge-ab", action="store_true")
+    ap.add_argument("--split-sweep", action="store_true")
     args = ap.parse_args()
     from pdserve.kernels import triton_attention as ta
     hq, hkv, d = 32, 8, 128
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     print(f"{torch.cuda.get_device_name()} | GQA {hq}/{hkv}, head dim {d}, bf16, page {PAGE}", flush=True)
-    if args.merge_ab:
-        return merge_ab(ta, hq, hkv, d, gen, dev, args.out)
+    if args.split_sweep:
+        return split_sweep(ta, hq, hkv, d, gen, dev, args.out)
     results = []
     for bs, ctx in SHAPES:
         c = DecodeCase.make(bs, ctx, hq, hkv, d, gen, dev)

@@ -11,13 +11,8 @@ Same contracts as reference.py (layouts in metadata.py). How the kernels work:
   multiplied by scale * log2(e) and exponentiated with exp2.
 * Decode (one query per sequence) is memory bound and has little parallelism at small
   batch, so the context is cut into ``num_splits`` partitions computed by separate
-  programs; each writes its partial (max m, sum l, unnormalised acc) to fp32 scratch, and
-  the partials are merged: w_s = 2^(m_s - max m), out = sum w_s acc_s / sum w_s l_s. On
-  CUDA the merge runs in the same launch: each program takes a ticket from a counter per
-  (sequence, kv head) once its partial is written, and the one that takes the last ticket
-  merges the splits in split order (the result does not depend on which finished first)
-  and resets the counter. Where the counters cannot be had (a first call inside a graph
-  capture), or with merge_in_launch=False, a second kernel merges them.
+  programs; each writes its partial (max m, sum l, unnormalised acc) to fp32 scratch and a
+  second kernel merges them: w_s = 2^(m_s - max m), out = sum w_s acc_s / sum w_s l_s.
 * Prefill packs (query token, head of the group) pairs into the rows of one tile:
   row r = token r // BLOCK_G, head r % BLOCK_G. KV tiles that lie wholly after a query
   block's last position are never visited (causal skip); the diagonal is masked.
@@ -68,9 +63,6 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,        # HEAD_DIM padded to a power of two >= 16 (tl.dot's K)
     ONE_SPLIT: tl.constexpr,      # write the normalised output directly, no scratch/reduce
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs so fp32 does not silently drop to tf32
-    count_ptr=None,               # int32 [B * Hkv] tickets: merge the splits in this launch
-    MERGE: tl.constexpr = False,
-    BLOCK_S: tl.constexpr = 1,    # num_splits rounded up to a power of two (MERGE)
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -128,38 +120,6 @@ def _decode_split_kernel(
         tl.store(part_l_ptr + row, l_i, mask=gmask)
         tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc,
                  mask=gmask[:, None] & dmask[None, :])
-        if MERGE:
-            tl.debug_barrier()                  # every thread's partial before the ticket
-            ticket_ptr = count_ptr + b64 * tl.num_programs(1) + kvh
-            ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu")
-            if ticket == num_splits - 1:
-                offs_s = tl.arange(0, BLOCK_S)
-                for g in tl.static_range(G):        # all splits of a head in one load
-                    head = kvh * G + g
-                    _merge_head(part_m_ptr, part_l_ptr, part_acc_ptr,
-                                out_ptr + b64 * stride_ob + head * stride_oh,
-                                (b64 * num_heads + head) * num_splits, num_splits, offs_s,
-                                offs_d, dmask, HEAD_DIM, ".cg")
-                tl.atomic_xchg(ticket_ptr, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _merge_head(part_m_ptr, part_l_ptr, part_acc_ptr, out_row_ptr, row0, num_splits, offs_s,
-                offs_d, dmask, HEAD_DIM: tl.constexpr, CACHE: tl.constexpr):
-    """Merge the num_splits partials of one (sequence, head), rows row0.. of the scratch,
-    into its normalised output at out_row_ptr."""
-    smask = offs_s < num_splits
-    row = row0 + offs_s  # [BLOCK_S]
-    m = tl.load(part_m_ptr + row, mask=smask, other=float("-inf"), cache_modifier=CACHE)
-    l = tl.load(part_l_ptr + row, mask=smask, other=0.0, cache_modifier=CACHE)
-    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
-                  mask=smask[:, None] & dmask[None, :], other=0.0,
-                  cache_modifier=CACHE)  # [BLOCK_S, BLOCK_D]
-    m_max = tl.max(m, axis=0)
-    w = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)  # empty splits weigh nothing
-    l_tot = tl.sum(w * l, axis=0)
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(l_tot > 0, l_tot, 1.0)
-    tl.store(out_row_ptr + offs_d, out.to(out_row_ptr.dtype.element_ty), mask=dmask)
 
 
 @triton.jit
@@ -171,9 +131,21 @@ def _decode_reduce_kernel(
 ):
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    _merge_head(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr + b * stride_ob + h * stride_oh,
-                (b * tl.num_programs(1) + h) * num_splits, num_splits, tl.arange(0, BLOCK_S),
-                tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_D) < HEAD_DIM, HEAD_DIM, "")
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    smask = offs_s < num_splits
+    dmask = offs_d < HEAD_DIM
+    row = (b * tl.num_programs(1) + h) * num_splits + offs_s  # [BLOCK_S]
+    m = tl.load(part_m_ptr + row, mask=smask, other=float("-inf"))
+    l = tl.load(part_l_ptr + row, mask=smask, other=0.0)
+    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+                  mask=smask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_S, BLOCK_D]
+    m_max = tl.max(m, axis=0)
+    w = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)  # empty splits weigh nothing
+    l_tot = tl.sum(w * l, axis=0)
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.where(l_tot > 0, l_tot, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=dmask)
 
 
 @triton.jit
@@ -315,24 +287,6 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: t
     return max(1, min(want, by_len, _MAX_SPLITS))
 
 
-_TICKETS = 1 << 16        # (sequence, kv head) pairs one launch can merge in place
-_COUNTERS: dict[torch.device, Tensor] = {}
-
-
-def _merge_counters(device: torch.device, pairs: int) -> Tensor | None:
-    """Zeroed int32 tickets for an in-launch merge of `pairs` (sequence, kv head) pairs,
-    or None where the reduce kernel must merge: too many pairs, or a first call inside
-    a graph capture (a buffer allocated there would belong to the graph)."""
-    if pairs > _TICKETS:
-        return None
-    got = _COUNTERS.get(device)
-    if got is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        got = _COUNTERS[device] = torch.zeros(_TICKETS, dtype=torch.int32, device=device)
-    return got
-
-
 def _decode_tiles(dtype: torch.dtype, head_dim: int, programs: int) -> tuple[int, int, int | None]:
     """(BLOCK_N, num_warps, num_stages or None for Triton's default) for decode. On an
     H100, 64 x 4 warps was within 3% of the best of BLOCK_N 16..128 x warps 2/4/8 for bf16
@@ -364,16 +318,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor,
                      block_tables: Tensor, scale: float, num_splits: int | None = None,
                      max_seq_len: int | None = None,
-                     tiles: tuple[int, int, int | None] | None = None,
-                     merge_in_launch: bool = True) -> Tensor:
+                     tiles: tuple[int, int, int | None] | None = None) -> Tensor:
     """One query token per sequence. q: [B, Hq, D]; caches [num_blocks, page, Hkv, D];
     seq_lens: [B]; block_tables: [B, max_blocks]. Returns [B, Hq, D] in q's dtype.
 
     num_splits=None picks one from max_seq_len (read from seq_lens, a host sync, when not
     given), batch and SM count; pass it explicitly for CUDA-graph capture. A sequence of
     length 0 (a padded batch slot) gets zeros. `tiles` = (BLOCK_N, num_warps, num_stages
-    or None for Triton's default) overrides _decode_tiles (benchmarks/decode_attention_sweep.py).
-    merge_in_launch=False always merges splits with the separate reduce kernel."""
+    or None for Triton's default) overrides _decode_tiles (benchmarks/decode_attention_sweep.py)."""
     hq, hkv, d, page = _check_paged(q, k_cache, v_cache, seq_lens, block_tables)
     bsz = q.shape[0]
     if seq_lens.shape[0] != bsz:
@@ -400,9 +352,6 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tens
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty((bsz, hq, num_splits, d), dtype=torch.float32, device=q.device)
     seq_lens = seq_lens.contiguous()
-    counters = None if one or not merge_in_launch else _merge_counters(q.device, bsz * hkv)
-    if counters is not None:
-        extra.update(count_ptr=counters, MERGE=True, BLOCK_S=triton.next_power_of_2(num_splits))
     _decode_split_kernel[(bsz, hkv, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_m, part_l, part_acc,
         scale * _LOG2E, num_splits,
@@ -412,7 +361,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tens
         BLOCK_N=block_n, BLOCK_D=block_d, ONE_SPLIT=one, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=num_warps, **extra,
     )
-    if not one and counters is None:
+    if not one:
         _decode_reduce_kernel[(bsz, hq)](
             part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits),

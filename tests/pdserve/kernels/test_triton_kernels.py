@@ -59,12 +59,10 @@ def make_case(ctx_lens: list[int], q_lens: list[int], *, page: int, hkv: int, g:
                 meta=meta, scale=d ** -0.5)
 
 
-def _decode_pair(c: dict, num_splits: int | None,
-                 merge_in_launch: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_pair(c: dict, num_splits: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     m = c["meta"]
     got = triton_attention.decode_attention(c["q"], c["k_cache"], c["v_cache"], m.seq_lens,
-                                            m.block_tables, c["scale"], num_splits=num_splits,
-                                            merge_in_launch=merge_in_launch)
+                                            m.block_tables, c["scale"], num_splits=num_splits)
     want = reference.decode_attention(c["q"], c["k_cache"], c["v_cache"], m.seq_lens,
                                       m.block_tables, c["scale"])
     return got, want
@@ -98,18 +96,12 @@ def test_decode_parity(page: int, g: int, d: int, dtype: torch.dtype) -> None:
     torch.testing.assert_close(got, want, **TOL[dtype])
 
 
-@pytest.mark.parametrize("merge_in_launch", [True, False], ids=["in-launch", "reduce-kernel"])
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7])
-def test_decode_split_kv(num_splits: int, merge_in_launch: bool) -> None:
+def test_decode_split_kv(num_splits: int) -> None:
     # 7 splits of a 1-token or 50-token context leave empty splits the merge must ignore.
-    c = make_case([1, 50, 130], [1, 1, 1], page=16, hkv=2, g=4, d=64, dtype=torch.float32, seed=1)
-    # Twice: the in-launch merge's tickets must be back at zero for the second call.
-    for _ in range(2):
-        got, want = _decode_pair(c, num_splits=num_splits, merge_in_launch=merge_in_launch)
-        torch.testing.assert_close(got, want, **TOL[torch.float32])
-    counters = triton_attention._COUNTERS.get(c["q"].device)
-    if merge_in_launch and num_splits > 1:
-        assert counters is not None and int(counters.abs().sum()) == 0
+    c = make_case([1, 50, 130], [1, 1, 1], page=16, hkv=1, g=4, d=64, dtype=torch.float32, seed=1)
+    got, want = _decode_pair(c, num_splits=num_splits)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("page,g,d,dtype", CASES, ids=CASE_IDS)
