@@ -122,7 +122,8 @@ def allheads_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, num_spli
     if not one:
         ta._decode_reduce_kernel[(bsz, hq)](
             part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(d))
+            HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(d),
+            PDL=False)
     return out
 
 

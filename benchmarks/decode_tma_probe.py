@@ -144,7 +144,7 @@ def tma_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, se
     if not one:
         ta._decode_reduce_kernel[(bsz, hq)](
             part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=d)
+            HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=d, PDL=False)
     return out
 
 

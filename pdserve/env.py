@@ -59,6 +59,9 @@ VARS: dict[str, _Var] = {
         _Var("PDSERVE_GEMV", True, _bool,
              "CUDA: one-token steps run their linear layers through pdserve's split-K GEMV "
              "kernels (pdserve/kernels/triton_gemv.py); 0 keeps cuBLAS"),
+        _Var("PDSERVE_PDL", False, _bool,
+             "CUDA, Hopper and newer: launch pdserve's decode-step kernels with programmatic "
+             "dependent launch (pdserve/kernels/pdl.py)"),
         _Var("PDSERVE_TUNE_MALLOC", True, _bool,
              "glibc: keep buffers up to 16 MiB on the heap in processes that stream KV over "
              "gRPC (no page faults per chunk); 0 leaves malloc's defaults"),
@@ -100,6 +103,10 @@ def prefill_graph_max_tokens() -> int:
 
 def gemv() -> bool:
     return bool(get("PDSERVE_GEMV"))
+
+
+def pdl() -> bool:
+    return bool(get("PDSERVE_PDL"))
 
 
 def tune_malloc() -> bool:

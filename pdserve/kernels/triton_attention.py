@@ -31,6 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from pdserve.kernels.metadata import AttentionMetadata
+from pdserve.kernels.pdl import launch_args, pdl_prologue
 from pdserve.kernels.triton_kv import check_runnable
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,9 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,        # HEAD_DIM padded to a power of two >= 16 (tl.dot's K)
     ONE_SPLIT: tl.constexpr,      # write the normalised output directly, no scratch/reduce
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs so fp32 does not silently drop to tf32
+    PDL: tl.constexpr,            # programmatic dependent launch (kernels/pdl.py)
 ):
+    pdl_prologue(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -128,7 +131,9 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,  # num_splits rounded up to a power of two
     BLOCK_D: tl.constexpr,  # HEAD_DIM rounded up to a power of two
+    PDL: tl.constexpr,
 ):
+    pdl_prologue(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -352,6 +357,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tens
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty((bsz, hq, num_splits, d), dtype=torch.float32, device=q.device)
     seq_lens = seq_lens.contiguous()
+    pdl = launch_args(q.device)
     _decode_split_kernel[(bsz, hkv, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_m, part_l, part_acc,
         scale * _LOG2E, num_splits,
@@ -359,13 +365,13 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tens
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=g, HEAD_DIM=d, PAGE=page, BLOCK_G=max(16, triton.next_power_of_2(g)),
         BLOCK_N=block_n, BLOCK_D=block_d, ONE_SPLIT=one, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=num_warps, **extra,
+        num_warps=num_warps, **extra, **pdl,
     )
     if not one:
         _decode_reduce_kernel[(bsz, hq)](
             part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=triton.next_power_of_2(d),
+            BLOCK_D=triton.next_power_of_2(d), **pdl,
         )
     return out
 

@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from pdserve.kernels.pdl import launch_args, pdl_prologue
 from pdserve.kernels.triton_kv import check_runnable
 
 
@@ -33,7 +34,8 @@ from pdserve.kernels.triton_kv import check_runnable
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r,
                          stride_o, stride_ro, n_cols, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -65,7 +67,7 @@ def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor,
         _add_rms_norm_kernel[(T,)](
             x, res, weight, out, res_out, x.stride(0), res.stride(0), out.stride(0),
             res_out.stride(0), H, eps, HAS_RESIDUAL=residual is not None,
-            BLOCK=triton.next_power_of_2(H))
+            BLOCK=triton.next_power_of_2(H), **launch_args(x.device))
     return out, res_out
 
 
@@ -135,9 +137,10 @@ def _rotary_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, vc_ptr
                    stride_qot, stride_kot, stride_ct, stride_cb, stride_cs, stride_ch,
                    NUM_Q_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
                    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-                   TO_CACHE: tl.constexpr):
+                   TO_CACHE: tl.constexpr, PDL: tl.constexpr):
     # One launch for q and k: heads [0, Hq) rotate q into qo, [Hq, Hq + Hkv) rotate k into
     # ko ([T, Hkv, D]) or, TO_CACHE, into its cache slot, v's row copied beside it.
+    pdl_prologue(PDL)
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     cos_row = cos_ptr + tok * stride_ct
@@ -180,7 +183,7 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tens
             q, k, k, cos, sin, q_out, k_out, k_out, q, q.stride(0), q.stride(1), k.stride(0),
             k.stride(1), 0, 0, q_out.stride(0), k_out.stride(0), cos.stride(0), 0, 0, 0,
             NUM_Q_HEADS=hq, HEAD_DIM=d, HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2),
-            BLOCK_D=triton.next_power_of_2(d), PAGE=1, TO_CACHE=False)
+            BLOCK_D=triton.next_power_of_2(d), PAGE=1, TO_CACHE=False, **launch_args(q.device))
     return q_out, k_out
 
 
@@ -213,5 +216,5 @@ def rotary_write_kv(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor,
             q_out.stride(0), 0, cos.stride(0), k_cache.stride(0), k_cache.stride(1),
             k_cache.stride(2), NUM_Q_HEADS=hq, HEAD_DIM=d, HALF=d // 2,
             BLOCK=triton.next_power_of_2(d // 2), BLOCK_D=triton.next_power_of_2(d),
-            PAGE=k_cache.shape[1], TO_CACHE=True)
+            PAGE=k_cache.shape[1], TO_CACHE=True, **launch_args(q.device))
     return q_out

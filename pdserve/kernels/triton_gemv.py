@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from pdserve.kernels.pdl import launch_args, pdl_prologue
+
 
 @dataclass(frozen=True)
 class GemvConfig:
@@ -87,7 +89,8 @@ def _finish(part, rn, nmask, out_ptr, bias_ptr, ws_ptr, count_ptr, N, pid_n, pid
 def _gemv_fma_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr, N, K, stride_wn,
                      K_SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, UNROLL: tl.constexpr, SILU_MUL: tl.constexpr,
-                     HAS_BIAS: tl.constexpr):
+                     HAS_BIAS: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -113,7 +116,8 @@ def _gemv_fma_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr, N, K, s
 def _gemv_dot_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr, N, K, stride_wn,
                      K_SPLIT: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+    pdl_prologue(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -172,7 +176,7 @@ def gemv(x: Tensor, weight: Tensor, cfg: GemvConfig, silu_mul: bool = False,
     grid = (triton.cdiv(n, cfg.block_n), cfg.splits)
     common = dict(K_SPLIT=k // cfg.splits, SPLITS=cfg.splits, BLOCK_N=cfg.block_n,
                   BLOCK_K=cfg.block_k, SILU_MUL=silu_mul, HAS_BIAS=bias is not None,
-                  num_warps=cfg.num_warps)
+                  num_warps=cfg.num_warps, **launch_args(x.device))
     b = weight if bias is None else bias      # any pointer when there is no bias
     if cfg.design == "fma":
         _gemv_fma_kernel[grid](x, weight, b, out, ws, count, n, k, weight.stride(0),
