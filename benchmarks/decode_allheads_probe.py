@@ -107,12 +107,7 @@ def allheads_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, num_spli
     pages, warps, stages = tile
     out = torch.empty_like(q)
     one = num_splits == 1
-    if one:
-        part_m = part_l = part_acc = out
-    else:
-        part_m = torch.empty((bsz, hq, num_splits), dtype=torch.float32, device=q.device)
-        part_l = torch.empty_like(part_m)
-        part_acc = torch.empty((bsz, hq, num_splits, d), dtype=torch.float32, device=q.device)
+    part_m, part_l, part_acc = ta.split_scratch(out, num_splits)
     _allheads_kernel[(bsz, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_m, part_l, part_acc,
         scale * _LOG2E, num_splits, q.stride(0), q.stride(1), k_cache.stride(0),
@@ -120,10 +115,7 @@ def allheads_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, num_spli
         HQ=hq, HKV=hkv, HEAD_DIM=d, PAGE_SIZE=page, BLOCK_H=max(16, triton.next_power_of_2(hq)),
         PAGES=pages, ONE_SPLIT=one, num_warps=warps, num_stages=stages)
     if not one:
-        ta._decode_reduce_kernel[(bsz, hq)](
-            part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(d),
-            PDL=False)
+        ta.reduce_splits(part_m, part_l, part_acc, out)
     return out
 
 

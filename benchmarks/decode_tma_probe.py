@@ -129,12 +129,7 @@ def tma_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, se
         descs = make_descs(k_cache, v_cache)
     out = torch.empty_like(q)
     one = num_splits == 1
-    if one:
-        part_m = part_l = part_acc = out
-    else:
-        part_m = torch.empty((bsz, hq, num_splits), dtype=torch.float32, device=q.device)
-        part_l = torch.empty_like(part_m)
-        part_acc = torch.empty((bsz, hq, num_splits, d), dtype=torch.float32, device=q.device)
+    part_m, part_l, part_acc = ta.split_scratch(out, num_splits)
     _tma_split_kernel[(bsz, hkv, num_splits)](
         q, descs[0], descs[1], seq_lens, block_tables, out, part_m, part_l, part_acc,
         scale * _LOG2E, num_splits, q.stride(0), q.stride(1), block_tables.stride(0),
@@ -142,9 +137,7 @@ def tma_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, se
         G=g, HEAD_DIM=d, PAGE=page, BLOCK_G=max(16, triton.next_power_of_2(g)), PAGES=pages,
         ONE_SPLIT=one, num_warps=num_warps, num_stages=num_stages)
     if not one:
-        ta._decode_reduce_kernel[(bsz, hq)](
-            part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=d, PDL=False)
+        ta.reduce_splits(part_m, part_l, part_acc, out)
     return out
 
 

@@ -320,6 +320,28 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored for 16-bit inputs
 
 
+def split_scratch(out: Tensor, num_splits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """fp32 (m, l, acc) partials [B, Hq, num_splits(, D)] of a split-KV decode into `out`
+    [B, Hq, D]; with one split, `out` three times (the ONE_SPLIT variant never reads them)."""
+    if num_splits == 1:
+        return out, out, out
+    bsz, hq, d = out.shape
+    part_m = torch.empty((bsz, hq, num_splits), dtype=torch.float32, device=out.device)
+    part_acc = torch.empty((bsz, hq, num_splits, d), dtype=torch.float32, device=out.device)
+    return part_m, torch.empty_like(part_m), part_acc
+
+
+def reduce_splits(part_m: Tensor, part_l: Tensor, part_acc: Tensor, out: Tensor) -> None:
+    """Merges split_scratch's partials into `out` (the decode reduce kernel)."""
+    bsz, hq, num_splits = part_m.shape
+    d = out.shape[2]
+    _decode_reduce_kernel[(bsz, hq)](
+        part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
+        HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits),
+        BLOCK_D=triton.next_power_of_2(d), **launch_args(out.device),
+    )
+
+
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor,
                      block_tables: Tensor, scale: float, num_splits: int | None = None,
                      max_seq_len: int | None = None,
@@ -350,14 +372,8 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tens
     extra = {} if num_stages is None else {"num_stages": num_stages}
     block_d = max(16, triton.next_power_of_2(d))
     one = num_splits == 1
-    if one:
-        part_m = part_l = part_acc = out  # unused by the ONE_SPLIT variant
-    else:
-        part_m = torch.empty((bsz, hq, num_splits), dtype=torch.float32, device=q.device)
-        part_l = torch.empty_like(part_m)
-        part_acc = torch.empty((bsz, hq, num_splits, d), dtype=torch.float32, device=q.device)
+    part_m, part_l, part_acc = split_scratch(out, num_splits)
     seq_lens = seq_lens.contiguous()
-    pdl = launch_args(q.device)
     _decode_split_kernel[(bsz, hkv, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_m, part_l, part_acc,
         scale * _LOG2E, num_splits,
@@ -365,14 +381,10 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tens
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=g, HEAD_DIM=d, PAGE=page, BLOCK_G=max(16, triton.next_power_of_2(g)),
         BLOCK_N=block_n, BLOCK_D=block_d, ONE_SPLIT=one, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=num_warps, **extra, **pdl,
+        num_warps=num_warps, **extra, **launch_args(q.device),
     )
     if not one:
-        _decode_reduce_kernel[(bsz, hq)](
-            part_m, part_l, part_acc, out, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=d, BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=triton.next_power_of_2(d), **pdl,
-        )
+        reduce_splits(part_m, part_l, part_acc, out)
     return out
 
 
