@@ -1,0 +1,294 @@
+"""Probe: does the decode kernel's loop body keep it under SDPA (bs >= 32, ctx >= 4k)?
+
+Session 9's head-major pages and session 10's TMA page loads and in-order blocks ruled out
+the layout and the fetch. What is left is the loop itself. pdserve's split kernel puts the
+GQA group on the dot's M side: two M = 16 dots a tile with 4 real rows, which Triton
+lowers to mma.sync fed from registers, plus a masked load, a masked score and the online
+softmax on every tile. This probe times, with the inputs and timing of gpu_suite part b
+(CUDA-graph replays over rotated copies), against torch SDPA:
+
+- ``pdserve``: the shipped kernel and its choice of tiles and splits;
+- ``loop``: the same maths as a variant kernel with two switches,
+  TRANS: positions on M (S^T = K Q^T is [BLOCK_N, 16], O^T = V^T P^T is [D, 16]), so
+  both dots have M a multiple of 64 and Triton can issue Hopper's wgmma on them;
+  UNMASKED: whole tiles run a main loop with no masks, and only the last, ragged tile
+  is masked;
+- over BLOCK_N x warps x stages x split counts.
+
+    python benchmarks/decode_loop_probe.py [--out OUT.json] [--quick]
+    TRITON_INTERPRET=1 python benchmarks/decode_loop_probe.py --check   # CPU, small shapes
+
+The answer goes into benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(1, str(Path(__file__).resolve().parent))     # gpu_suite_parts
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from pdserve.kernels import triton_attention as ta  # noqa: E402
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tile(q, k_ptr, v_ptr, bt_row, n0, end, kvh, m_i, l_i, acc, scale_log2,
+          stride_cb, stride_cs, stride_ch, offs_n, offs_d,
+          PAGE: tl.constexpr, MASKED: tl.constexpr, TRANS: tl.constexpr):
+    """One online-softmax step over positions [n0, n0 + BLOCK_N). TRANS: q is [D, G],
+    acc [D, G], m/l [G]; else q [G, D], acc [G, D]."""
+    pos = n0 + offs_n
+    if MASKED:
+        pmask = pos < end
+        blk = tl.load(bt_row + pos // PAGE, mask=pmask, other=0).to(tl.int64)
+    else:
+        blk = tl.load(bt_row + pos // PAGE).to(tl.int64)
+    kv = blk * stride_cb + (pos % PAGE) * stride_cs + kvh * stride_ch
+    ptr = kv[:, None] + offs_d[None, :]
+    if MASKED:
+        k = tl.load(k_ptr + ptr, mask=pmask[:, None], other=0.0)
+        v = tl.load(v_ptr + ptr, mask=pmask[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptr + ptr)
+        v = tl.load(v_ptr + ptr)
+    if TRANS:
+        s = tl.dot(k, q) * scale_log2                                  # [N, G]
+        if MASKED:
+            s = tl.where(pmask[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype))  # [D, G]
+    else:
+        s = tl.dot(q, tl.trans(k)) * scale_log2                        # [G, N]
+        if MASKED:
+            s = tl.where(pmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)          # [G, D]
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _loop_split_kernel(
+    q_ptr, k_ptr, v_ptr, seq_lens_ptr, bt_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
+    scale_log2, num_splits,
+    stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ob, stride_oh,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, ONE_SPLIT: tl.constexpr, TRANS: tl.constexpr, UNMASKED: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    gmask = offs_g < G
+    heads = kvh * G + offs_g
+    b64 = b.to(tl.int64)
+    q_row = q_ptr + b64 * stride_qb
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    if TRANS:
+        q = tl.load(q_row + heads[None, :] * stride_qh + offs_d[:, None], mask=gmask[None, :], other=0.0)
+        acc = tl.zeros([HEAD_DIM, BLOCK_G], tl.float32)
+    else:
+        q = tl.load(q_row + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
+        acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    bt_row = bt_ptr + b64 * stride_bt
+    if UNMASKED:
+        full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+        for n0 in range(start, full_end, BLOCK_N):
+            m_i, l_i, acc = _tile(q, k_ptr, v_ptr, bt_row, n0, end, kvh, m_i, l_i, acc, scale_log2,
+                                  stride_cb, stride_cs, stride_ch, offs_n, offs_d, PAGE, False, TRANS)
+        if full_end < end:
+            m_i, l_i, acc = _tile(q, k_ptr, v_ptr, bt_row, full_end, end, kvh, m_i, l_i, acc,
+                                  scale_log2, stride_cb, stride_cs, stride_ch, offs_n, offs_d,
+                                  PAGE, True, TRANS)
+    else:
+        for n0 in range(start, end, BLOCK_N):
+            m_i, l_i, acc = _tile(q, k_ptr, v_ptr, bt_row, n0, end, kvh, m_i, l_i, acc, scale_log2,
+                                  stride_cb, stride_cs, stride_ch, offs_n, offs_d, PAGE, True, TRANS)
+    if TRANS:
+        o_off = heads[None, :] * stride_oh + offs_d[:, None]
+        omask = gmask[None, :]
+        lb = l_i[None, :]
+    else:
+        o_off = heads[:, None] * stride_oh + offs_d[None, :]
+        omask = gmask[:, None]
+        lb = l_i[:, None]
+    if ONE_SPLIT:
+        out = acc / tl.where(lb > 0, lb, 1.0)
+        tl.store(out_ptr + b64 * stride_ob + o_off, out.to(out_ptr.dtype.element_ty), mask=omask)
+    else:
+        num_heads = tl.num_programs(1) * G
+        row = (b64 * num_heads + heads) * num_splits + split
+        tl.store(part_m_ptr + row, m_i, mask=gmask)
+        tl.store(part_l_ptr + row, l_i, mask=gmask)
+        if TRANS:
+            tl.store(part_acc_ptr + row[None, :] * HEAD_DIM + offs_d[:, None], acc, mask=omask)
+        else:
+            tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=omask)
+
+
+def loop_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, num_splits, trans, unmasked,
+                block_n=64, num_warps=4, num_stages=3, info=None):
+    bsz, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    g = hq // hkv
+    out = torch.empty_like(q)
+    one = num_splits == 1
+    part_m, part_l, part_acc = ta.split_scratch(out, num_splits)
+    compiled = _loop_split_kernel[(bsz, hkv, num_splits)](
+        q, k_cache, v_cache, seq_lens, block_tables, out, part_m, part_l, part_acc,
+        scale * _LOG2E, num_splits,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        G=g, HEAD_DIM=d, PAGE=k_cache.shape[1], BLOCK_G=max(16, triton.next_power_of_2(g)),
+        BLOCK_N=block_n, ONE_SPLIT=one, TRANS=trans, UNMASKED=unmasked,
+        num_warps=num_warps, num_stages=num_stages)
+    if info is not None and compiled is not None and hasattr(compiled, "asm"):
+        ptx = compiled.asm.get("ptx", "")
+        info["wgmma"] = "wgmma" in ptx
+        info["mma_sync"] = "mma.sync" in ptx
+        info["cp_async"] = "cp.async" in ptx
+    if not one:
+        ta.reduce_splits(part_m, part_l, part_acc, out)
+    return out
+
+
+def check() -> int:
+    """Every variant against the torch reference on ragged lengths (interpreter or GPU)."""
+    from pdserve.kernels import reference
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    hq, hkv, d, page = 8, 2, 64, 16
+    lens = [1, 15, 16, 17, 70, 129]
+    nblk = -(-max(lens) // page)
+    nb = len(lens) * nblk + 3
+    k_cache = torch.randn(nb, page, hkv, d, dtype=dtype, device=dev)
+    v_cache = torch.randn_like(k_cache)
+    bt = torch.randperm(nb, device=dev)[:len(lens) * nblk].view(len(lens), nblk).to(torch.int32)
+    q = torch.randn(len(lens), hq, d, dtype=dtype, device=dev)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+    ref = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), seq_lens, bt, d ** -0.5)
+    worst = 0.0
+    for trans, unmasked, splits, block_n in itertools.product((False, True), (False, True), (1, 3), (16, 32)):
+        out = loop_decode(q, k_cache, v_cache, seq_lens, bt, d ** -0.5, splits, trans, unmasked, block_n)
+        err = float((out.float() - ref).abs().max())
+        worst = max(worst, err)
+        print(f"trans {trans:d} unmasked {unmasked:d} splits {splits} BLOCK_N {block_n}: "
+              f"max abs err {err:.2e}", flush=True)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    print("OK" if worst < tol else f"FAIL (worst {worst:.2e} >= {tol})")
+    return 0 if worst < tol else 1
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="")
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="fewer tile variants")
+    args = ap.parse_args()
+    if args.check or os.environ.get("TRITON_INTERPRET") == "1":
+        return check()
+    from gpu_suite_parts import DecodeCase, per_call_ms, rel_err
+    hq, hkv, d = 32, 8, 128
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    print(f"{torch.cuda.get_device_name()} | triton {triton.__version__} | GQA {hq}/{hkv}, "
+          f"head dim {d}, bf16, page 16", flush=True)
+    modes = [(t, u) for t in (False, True) for u in (False, True)]
+    tiles = list(itertools.product((64, 128), (4, 8), (2, 3, 4)))
+    if args.quick:
+        tiles = [(64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3)]
+    results = []
+    shapes = [(32, 4096), (32, 32768), (128, 4096), (128, 32768), (8, 4096), (1, 32768)]
+    for bs, ctx in shapes:
+        c = DecodeCase.make(bs, ctx, hq, hkv, d, gen, dev)
+        default_splits = ta.choose_num_splits(bs, hkv, ctx, dev)
+
+        def us(fn) -> float:
+            return per_call_ms([lambda i=i: fn(i) for i in range(c.copies)], dev)[0] * 1e3
+
+        def pdserve(i):
+            return ta.decode_attention(c.q[i], c.k_cache, c.v_cache, c.seq_lens, c.tables(i),
+                                       c.scale, max_seq_len=ctx)
+
+        ref = c.sdpa(0)
+        row = {"bs": bs, "ctx": ctx, "splits": default_splits, "sdpa_us": us(c.sdpa),
+               "pdserve_us": us(pdserve)}
+        split_set = sorted({1, default_splits, 2 * default_splits})
+        if bs < 32:
+            split_set = [default_splits]
+        sweep = []
+        for (trans, unmasked), (block_n, warps, stages), splits in itertools.product(modes, tiles, split_set):
+            cfg = {"trans": trans, "unmasked": unmasked, "block_n": block_n, "warps": warps,
+                   "stages": stages, "splits": splits}
+            try:
+                info: dict = {}
+                err = rel_err(loop_decode(c.q[0], c.k_cache, c.v_cache, c.seq_lens, c.tables(0),
+                                          c.scale, splits, trans, unmasked, block_n, warps, stages,
+                                          info), ref)
+                t = us(lambda i, cf=cfg: loop_decode(
+                    c.q[i], c.k_cache, c.v_cache, c.seq_lens, c.tables(i), c.scale, cf["splits"],
+                    cf["trans"], cf["unmasked"], cf["block_n"], cf["warps"], cf["stages"]))
+            except Exception as e:  # noqa: BLE001 - a variant that does not compile or fit
+                sweep.append({**cfg, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                continue
+            sweep.append({**cfg, "us": t, "err": err, **info})
+        row["sdpa_us_2"] = us(c.sdpa)
+        row["pdserve_us_2"] = us(pdserve)
+        sdpa = min(row["sdpa_us"], row["sdpa_us_2"])
+        pd = min(row["pdserve_us"], row["pdserve_us_2"])
+        ok = [r for r in sweep if "us" in r]
+        row["wrong"] = sum(r["err"] > 2e-2 for r in ok)
+        row["failed"] = [r for r in sweep if "error" in r][:3]
+        row["best_by_mode"] = {}
+        line = (f"bs {bs:4d} ctx {ctx:6d}: SDPA {row['sdpa_us']:8.1f}/{row['sdpa_us_2']:8.1f} us | "
+                f"pdserve {row['pdserve_us']:8.1f}/{row['pdserve_us_2']:8.1f} ({sdpa / pd:.3f}x, "
+                f"{default_splits} splits)")
+        for trans, unmasked in modes:
+            mine = sorted((r for r in ok if r["trans"] == trans and r["unmasked"] == unmasked),
+                          key=lambda r: r["us"])
+            if not mine:
+                continue
+            best = mine[0]
+            key = f"trans{trans:d}_unmasked{unmasked:d}"
+            row["best_by_mode"][key] = mine[:3]
+            line += (f"\n     {key}: best {best['us']:8.1f} us ({sdpa / best['us']:.3f}x SDPA) "
+                     f"N{best['block_n']} w{best['warps']} s{best['stages']} splits {best['splits']} "
+                     f"wgmma {best.get('wgmma')} mma.sync {best.get('mma_sync')}")
+        line += f"\n     wrong {row['wrong']} | failed {len(row['failed'])}"
+        print(line, flush=True)
+        for r in row["failed"][:1]:
+            print("   first failure:", r, flush=True)
+        results.append(row)
+        if args.out:   # after every shape, so a run cut short keeps what it measured
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+        del c
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
