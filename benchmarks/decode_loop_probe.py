@@ -37,6 +37,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from pdserve.kernels import triton_attention as ta  # noqa: E402
+from pdserve.kernels.pdl import pdl_prologue  # noqa: E402
 
 _LOG2E = 1.4426950408889634
 
@@ -89,7 +90,9 @@ def _loop_split_kernel(
     stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ob, stride_oh,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, ONE_SPLIT: tl.constexpr, TRANS: tl.constexpr, UNMASKED: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    pdl_prologue(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -148,8 +151,162 @@ def _loop_split_kernel(
             tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=omask)
 
 
+@triton.jit
+def _gather_read_kernel(k_ptr, v_ptr, seq_lens_ptr, bt_ptr, out_ptr, num_splits,
+                        stride_cb, stride_cs, stride_ch, stride_bt,
+                        HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Reads each (sequence, kv head, split)'s K and V through the block table, as the
+    decode kernel does, and does nothing with them but a sum: the gather's read ceiling."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+    acc = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+    for n0 in range(start, full_end, BLOCK_N):
+        pos = n0 + offs_n
+        blk = tl.load(bt_row + pos // PAGE).to(tl.int64)
+        ptr = (blk * stride_cb + (pos % PAGE) * stride_cs + kvh * stride_ch)[:, None] + offs_d[None, :]
+        acc += tl.load(k_ptr + ptr).to(tl.float32) + tl.load(v_ptr + ptr).to(tl.float32)
+    tl.store(out_ptr + ((b * tl.num_programs(1) + kvh) * num_splits + split), tl.sum(tl.sum(acc, 1), 0))
+
+
+@triton.jit
+def _dense_read_kernel(k_ptr, v_ptr, out_ptr, seq_len, num_splits, stride_b, stride_h, stride_s,
+                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The same bytes from SDPA's contiguous [B, Hkv, S, D] K and V, same grid."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = b.to(tl.int64) * stride_b + kvh * stride_h
+    acc = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+    for n0 in range(start, full_end, BLOCK_N):
+        ptr = base + (n0 + offs_n)[:, None].to(tl.int64) * stride_s + offs_d[None, :]
+        acc += tl.load(k_ptr + ptr).to(tl.float32) + tl.load(v_ptr + ptr).to(tl.float32)
+    tl.store(out_ptr + ((b * tl.num_programs(1) + kvh) * num_splits + split), tl.sum(tl.sum(acc, 1), 0))
+
+
+@triton.jit
+def _softmax_step(q, k, v, pmask, m_i, l_i, acc, scale_log2, MASKED: tl.constexpr):
+    s = tl.dot(q, tl.trans(k)) * scale_log2                            # [G, N]
+    if MASKED:
+        s = tl.where(pmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _addr_kernel(
+    q_ptr, k_ptr, v_ptr, seq_lens_ptr, bt_ptr, out_ptr, scale_log2,
+    stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ob, stride_oh,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, DENSE: tl.constexpr, PREFETCH: tl.constexpr, READ_ONLY: tl.constexpr,
+):
+    """One split, whole tiles, no masks (the probe's lengths are multiples of BLOCK_N).
+    DENSE: K/V are SDPA's contiguous [B, Hkv, S, D] (strides b, s, h in cb, cs, ch) and no
+    block table is read. PREFETCH: the next tile's block ids are loaded a tile ahead, so a
+    K/V address never waits on the block-table load of its own iteration. READ_ONLY: the
+    tiles are summed instead of attended to (out gets one float per program)."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + b)
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    gmask = offs_g < G
+    heads = kvh * G + offs_g
+    b64 = b.to(tl.int64)
+    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=gmask[:, None], other=0.0)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
+    racc = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    bt_row = bt_ptr + b64 * stride_bt
+    base = b64 * stride_cb + kvh * stride_ch
+    blk = tl.load(bt_row + offs_n // PAGE).to(tl.int64)
+    for n0 in range(0, seq_len, BLOCK_N):
+        pos = n0 + offs_n
+        if DENSE:
+            kv = base + pos.to(tl.int64) * stride_cs
+        elif PREFETCH:
+            kv = blk * stride_cb + (pos % PAGE) * stride_cs + kvh * stride_ch
+            nxt = pos + BLOCK_N
+            blk = tl.load(bt_row + nxt // PAGE, mask=nxt < seq_len, other=0).to(tl.int64)
+        else:
+            kv = tl.load(bt_row + pos // PAGE).to(tl.int64) * stride_cb + (pos % PAGE) * stride_cs \
+                + kvh * stride_ch
+        ptr = kv[:, None] + offs_d[None, :]
+        k = tl.load(k_ptr + ptr)
+        v = tl.load(v_ptr + ptr)
+        if READ_ONLY:
+            racc += k.to(tl.float32) + v.to(tl.float32)
+        else:
+            m_i, l_i, acc = _softmax_step(q, k, v, pos, m_i, l_i, acc, scale_log2, False)
+    if READ_ONLY:
+        tl.store(out_ptr + b64 * stride_ob + kvh * G * stride_oh, tl.sum(tl.sum(racc, 1), 0).to(out_ptr.dtype.element_ty))
+    else:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+
+
+def addr_decode(q, k, v, seq_lens, block_tables, scale, dense, prefetch, read_only=False,
+                block_n=128, num_warps=4, num_stages=3):
+    """_addr_kernel: k, v are paged caches, or with dense=True SDPA's [B, Hkv, S, D]."""
+    bsz, hq, d = q.shape
+    hkv = k.shape[1] if dense else k.shape[2]
+    out = torch.empty_like(q)
+    if dense:
+        strides = (k.stride(0), k.stride(2), k.stride(1))
+    else:
+        strides = (k.stride(0), k.stride(1), k.stride(2))
+    _addr_kernel[(bsz, hkv)](
+        q, k, v, seq_lens, block_tables, out, scale * _LOG2E, q.stride(0), q.stride(1), *strides,
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        G=hq // hkv, HEAD_DIM=d, PAGE=16, BLOCK_G=max(16, triton.next_power_of_2(hq // hkv)),
+        BLOCK_N=block_n, DENSE=dense, PREFETCH=prefetch, READ_ONLY=read_only,
+        num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def gather_read(k_cache, v_cache, seq_lens, block_tables, num_splits, block_n, num_warps, num_stages):
+    bsz, hkv, d = seq_lens.shape[0], k_cache.shape[2], k_cache.shape[3]
+    out = torch.empty(bsz * hkv * num_splits, dtype=torch.float32, device=k_cache.device)
+    _gather_read_kernel[(bsz, hkv, num_splits)](
+        k_cache, v_cache, seq_lens, block_tables, out, num_splits,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        HEAD_DIM=d, PAGE=k_cache.shape[1], BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
+def dense_read(k, v, num_splits, block_n, num_warps, num_stages):
+    bsz, hkv, s, d = k.shape
+    out = torch.empty(bsz * hkv * num_splits, dtype=torch.float32, device=k.device)
+    _dense_read_kernel[(bsz, hkv, num_splits)](
+        k, v, out, s, num_splits, k.stride(0), k.stride(1), k.stride(2),
+        HEAD_DIM=d, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+    return out
+
+
 def loop_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, num_splits, trans, unmasked,
-                block_n=64, num_warps=4, num_stages=3, info=None):
+                block_n=64, num_warps=4, num_stages=3, info=None, pdl=False):
     bsz, hq, d = q.shape
     hkv = k_cache.shape[2]
     g = hq // hkv
@@ -163,7 +320,7 @@ def loop_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, num_splits, 
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=g, HEAD_DIM=d, PAGE=k_cache.shape[1], BLOCK_G=max(16, triton.next_power_of_2(g)),
         BLOCK_N=block_n, ONE_SPLIT=one, TRANS=trans, UNMASKED=unmasked,
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=num_warps, num_stages=num_stages, **({"PDL": True, "launch_pdl": True} if pdl else {}))
     if info is not None and compiled is not None and hasattr(compiled, "asm"):
         ptx = compiled.asm.get("ptx", "")
         info["wgmma"] = "wgmma" in ptx
@@ -202,14 +359,156 @@ def check() -> int:
     return 0 if worst < tol else 1
 
 
+def ceilings(out_path: str) -> int:
+    """Where the time goes at the goal's shapes: the same bytes read with no maths (through
+    the block table, and dense from SDPA's contiguous K/V), and the unmasked loop with and
+    without programmatic dependent launch, each beside SDPA."""
+    from gpu_suite_parts import DecodeCase, per_call_ms, rel_err
+    hq, hkv, d = 32, 8, 128
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    print(f"{torch.cuda.get_device_name()} | triton {triton.__version__} | ceilings", flush=True)
+    tiles = [(64, 3), (64, 4), (128, 2), (128, 3), (128, 4)]
+    results = []
+    for bs, ctx in [(32, 4096), (32, 32768), (128, 4096), (8, 4096), (1, 32768)]:
+        c = DecodeCase.make(bs, ctx, hq, hkv, d, gen, dev)
+        splits0 = ta.choose_num_splits(bs, hkv, ctx, dev)
+        split_set = sorted({1, splits0}) if bs >= 32 else [splits0]
+
+        def us(fn) -> float:
+            return per_call_ms([lambda i=i: fn(i) for i in range(c.copies)], dev)[0] * 1e3
+
+        ref = c.sdpa(0)
+        row = {"bs": bs, "ctx": ctx, "splits": splits0, "kv_bytes": c.kv_bytes,
+               "sdpa_us": us(c.sdpa),
+               "pdserve_us": us(lambda i: ta.decode_attention(c.q[i], c.k_cache, c.v_cache, c.seq_lens,
+                                                              c.tables(i), c.scale, max_seq_len=ctx))}
+        runs = []
+        for (bn, st), sp in itertools.product(tiles, split_set):
+            for name, fn in [
+                ("loop", lambda i, bn=bn, st=st, sp=sp: loop_decode(
+                    c.q[i], c.k_cache, c.v_cache, c.seq_lens, c.tables(i), c.scale, sp, False, True, bn, 4, st)),
+                ("loop_pdl", lambda i, bn=bn, st=st, sp=sp: loop_decode(
+                    c.q[i], c.k_cache, c.v_cache, c.seq_lens, c.tables(i), c.scale, sp, False, True, bn, 4, st,
+                    pdl=True)),
+                ("gather_read", lambda i, bn=bn, st=st, sp=sp: gather_read(
+                    c.k_cache, c.v_cache, c.seq_lens, c.tables(i), sp, bn, 4, st)),
+                ("dense_read", lambda i, bn=bn, st=st, sp=sp: dense_read(
+                    c.k[i * bs:(i + 1) * bs], c.v[i * bs:(i + 1) * bs], sp, bn, 4, st)),
+            ]:
+                try:
+                    err = rel_err(fn(0), ref) if name.startswith("loop") else 0.0
+                    runs.append({"kind": name, "block_n": bn, "stages": st, "splits": sp, "us": us(fn),
+                                 "err": err})
+                except Exception as e:  # noqa: BLE001
+                    runs.append({"kind": name, "block_n": bn, "stages": st, "splits": sp,
+                                 "error": f"{type(e).__name__}: {str(e)[:160]}"})
+        row["sdpa_us_2"] = us(c.sdpa)
+        row["runs"] = runs
+        sdpa = min(row["sdpa_us"], row["sdpa_us_2"])
+        tbs = lambda t: c.kv_bytes / t / 1e6  # noqa: E731
+        print(f"bs {bs:4d} ctx {ctx:6d}: SDPA {row['sdpa_us']:8.1f}/{row['sdpa_us_2']:8.1f} us "
+              f"({tbs(sdpa):.2f} TB/s) | pdserve {row['pdserve_us']:8.1f} ({sdpa / row['pdserve_us']:.3f}x)",
+              flush=True)
+        for kind in ("loop", "loop_pdl", "gather_read", "dense_read"):
+            mine = sorted((r for r in runs if r["kind"] == kind and "us" in r), key=lambda r: r["us"])
+            bad = [r for r in runs if r["kind"] == kind and "error" in r]
+            if mine:
+                b = mine[0]
+                print(f"     {kind:12s} best {b['us']:8.1f} us ({tbs(b['us']):.2f} TB/s, {sdpa / b['us']:.3f}x SDPA) "
+                      f"N{b['block_n']} s{b['stages']} splits {b['splits']} err {b['err']:.1e} "
+                      f"| all: " + " ".join(f"{r['block_n']}/{r['stages']}/{r['splits']}:{r['us']:.1f}"
+                                            for r in sorted(mine, key=lambda r: (r['block_n'], r['stages'], r['splits']))),
+                      flush=True)
+            if bad:
+                print(f"     {kind:12s} failed: {bad[0]}", flush=True)
+        results.append(row)
+        if out_path:
+            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(out_path).write_text(json.dumps(results, indent=1, default=str))
+        del c
+        torch.cuda.empty_cache()
+    return 0
+
+
+def addressing(out_path: str) -> int:
+    """Same loop, one split, at the goal's shapes: K/V through the block table as pdserve
+    reads them, with the block ids loaded a tile ahead, and from SDPA's dense tensors."""
+    from gpu_suite_parts import DecodeCase, per_call_ms, rel_err
+    hq, hkv, d = 32, 8, 128
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    print(f"{torch.cuda.get_device_name()} | triton {triton.__version__} | addressing", flush=True)
+    tiles = [(64, 3), (64, 4), (128, 2), (128, 3), (128, 4)]
+    kinds = [("paged", False, False), ("paged_prefetch", False, True), ("dense", True, False)]
+    results = []
+    for bs, ctx in [(32, 4096), (32, 32768), (128, 4096), (128, 32768)]:
+        c = DecodeCase.make(bs, ctx, hq, hkv, d, gen, dev)
+
+        def us(fn) -> float:
+            return per_call_ms([lambda i=i: fn(i) for i in range(c.copies)], dev)[0] * 1e3
+
+        ref = c.sdpa(0)
+        row = {"bs": bs, "ctx": ctx, "sdpa_us": us(c.sdpa),
+               "pdserve_us": us(lambda i: ta.decode_attention(c.q[i], c.k_cache, c.v_cache, c.seq_lens,
+                                                              c.tables(i), c.scale, max_seq_len=ctx))}
+        runs = []
+        for (bn, st), (kind, dense, pre), ro in itertools.product(tiles, kinds, (False, True)):
+            def fn(i, bn=bn, st=st, dense=dense, pre=pre, ro=ro):
+                kk = c.k[i * bs:(i + 1) * bs] if dense else c.k_cache
+                vv = c.v[i * bs:(i + 1) * bs] if dense else c.v_cache
+                return addr_decode(c.q[i], kk, vv, c.seq_lens, c.tables(i), c.scale, dense, pre, ro,
+                                   bn, 4, st)
+            name = kind + ("_read" if ro else "")
+            try:
+                err = 0.0 if ro else rel_err(fn(0), ref)
+                runs.append({"kind": name, "block_n": bn, "stages": st, "us": us(fn), "err": err})
+            except Exception as e:  # noqa: BLE001
+                runs.append({"kind": name, "block_n": bn, "stages": st,
+                             "error": f"{type(e).__name__}: {str(e)[:160]}"})
+        row["sdpa_us_2"] = us(c.sdpa)
+        row["runs"] = runs
+        sdpa = min(row["sdpa_us"], row["sdpa_us_2"])
+        tbs = lambda t: c.kv_bytes / t / 1e6  # noqa: E731
+        print(f"bs {bs:4d} ctx {ctx:6d}: SDPA {row['sdpa_us']:8.1f}/{row['sdpa_us_2']:8.1f} us "
+              f"({tbs(sdpa):.2f} TB/s) | pdserve {row['pdserve_us']:8.1f} ({sdpa / row['pdserve_us']:.3f}x)",
+              flush=True)
+        for name in sorted({r["kind"] for r in runs}):
+            mine = sorted((r for r in runs if r["kind"] == name and "us" in r), key=lambda r: r["us"])
+            bad = [r for r in runs if r["kind"] == name and "error" in r]
+            if mine:
+                b = mine[0]
+                print(f"     {name:20s} best {b['us']:8.1f} us ({tbs(b['us']):.2f} TB/s, {sdpa / b['us']:.3f}x SDPA) "
+                      f"N{b['block_n']} s{b['stages']} err {b['err']:.1e} | all: "
+                      + " ".join(f"{r['block_n']}/{r['stages']}:{r['us']:.1f}"
+                                 for r in sorted(mine, key=lambda r: (r['block_n'], r['stages']))), flush=True)
+            if bad:
+                print(f"     {name:20s} failed: {bad[0]}", flush=True)
+        results.append(row)
+        if out_path:
+            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(out_path).write_text(json.dumps(results, indent=1, default=str))
+        del c
+        torch.cuda.empty_cache()
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--quick", action="store_true", help="fewer tile variants")
+    ap.add_argument("--ceilings", action="store_true",
+                    help="read-only kernels (gathered and dense) and PDL beside SDPA, not the sweep")
+    ap.add_argument("--addressing", action="store_true",
+                    help="one split, whole tiles: paged vs dense K/V, block ids a tile ahead")
     args = ap.parse_args()
     if args.check or os.environ.get("TRITON_INTERPRET") == "1":
         return check()
+    if args.ceilings:
+        return ceilings(args.out)
+    if args.addressing:
+        return addressing(args.out)
     from gpu_suite_parts import DecodeCase, per_call_ms, rel_err
     hq, hkv, d = 32, 8, 128
     dev = torch.device("cuda")

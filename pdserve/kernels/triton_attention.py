@@ -54,6 +54,38 @@ def _kv_offsets(bt_row_ptr, pos, pmask, kvh, stride_cb, stride_cs, stride_ch,
 
 
 @triton.jit
+def _decode_tile(q, k_ptr, v_ptr, kv, pmask, m_i, l_i, acc, scale_log2, offs_d, dmask,
+                 MASKED: tl.constexpr, DMASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step of the decode kernel over one tile: kv [BLOCK_N] holds the
+    element offsets of its positions. MASKED: positions outside `pmask` are skipped (the
+    context's ragged last tile); DMASK: the head dim is padded to BLOCK_D."""
+    ptr = kv[:, None] + offs_d[None, :]
+    if MASKED:
+        tmask = pmask[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + ptr, mask=tmask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_ptr + ptr, mask=tmask, other=0.0)
+    elif DMASK:
+        k = tl.load(k_ptr + ptr, mask=dmask[None, :], other=0.0)
+        v = tl.load(v_ptr + ptr, mask=dmask[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptr + ptr)
+        v = tl.load(v_ptr + ptr)
+    # Padding rows of the group (g >= G) cost tensor-core work only, and decode is
+    # bound by K/V bytes: on an H100 this padded dot beat a broadcast-multiply-sum
+    # even at G=1 (3.0 vs 2.2 TB/s, bf16).
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_G, BLOCK_N]
+    if MASKED:
+        s = tl.where(pmask[None, :], s, float("-inf"))
+    # A tile holds at least one valid position, so m_new is finite from the first tile on.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, seq_lens_ptr, bt_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
     scale_log2, num_splits,
@@ -89,26 +121,27 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     bt_row = bt_ptr + b64 * stride_bt
-    # An empty split (start >= end) skips the loop and reports m = -inf, l = 0.
-    for n0 in range(start, end, BLOCK_N):
+    head_off = kvh * stride_ch
+    # Whole tiles run unmasked, and each tile's block ids are loaded one tile ahead, so
+    # no K/V address waits on a block-table load of its own iteration (on an H200 this
+    # took bs 32 / ctx 4k from 0.957x to 0.988x SDPA, and bs 1 / 32k from 0.88x to 0.98x:
+    # benchmarks/decode_loop_probe.py). The ragged last tile, if any, runs masked.
+    # An empty split (start >= end) runs no tile and reports m = -inf, l = 0.
+    full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
+    pos = start + offs_n
+    blk = tl.load(bt_row + pos // PAGE, mask=pos < end, other=0)
+    for n0 in range(start, full_end, BLOCK_N):
         pos = n0 + offs_n
-        pmask = pos < end
-        kv = _kv_offsets(bt_row, pos, pmask, kvh, stride_cb, stride_cs, stride_ch, PAGE)
-        tmask = pmask[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + kv[:, None] + offs_d[None, :], mask=tmask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_ptr + kv[:, None] + offs_d[None, :], mask=tmask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        # Padding rows of the group (g >= G) cost tensor-core work only, and decode is
-        # bound by K/V bytes: on an H100 this padded dot beat a broadcast-multiply-sum
-        # even at G=1 (3.0 vs 2.2 TB/s, bf16).
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s = tl.where(pmask[None, :], s * scale_log2, float("-inf"))  # [BLOCK_G, BLOCK_N]
-        # Position `start` is in the first tile, so m_new is finite from the first tile on.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        kv = blk.to(tl.int64) * stride_cb + (pos % PAGE) * stride_cs + head_off
+        nxt = pos + BLOCK_N
+        blk = tl.load(bt_row + nxt // PAGE, mask=nxt < end, other=0)
+        m_i, l_i, acc = _decode_tile(q, k_ptr, v_ptr, kv, nxt < end, m_i, l_i, acc, scale_log2,
+                                     offs_d, dmask, False, BLOCK_D != HEAD_DIM, DOT_PRECISION)
+    if full_end < end:
+        pos = full_end + offs_n
+        kv = blk.to(tl.int64) * stride_cb + (pos % PAGE) * stride_cs + head_off
+        m_i, l_i, acc = _decode_tile(q, k_ptr, v_ptr, kv, pos < end, m_i, l_i, acc, scale_log2,
+                                     offs_d, dmask, True, BLOCK_D != HEAD_DIM, DOT_PRECISION)
 
     if ONE_SPLIT:
         # l_i == 0 only for an empty context (a padded batch slot): write zeros, not NaN.
