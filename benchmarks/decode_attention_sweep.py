@@ -54,7 +54,7 @@ def main() -> int:
         sdpa_ms, _ = per_call_ms([lambda i=i: c.sdpa(i) for i in range(copies)], dev)
         ref = c.sdpa(0)
         default_splits = ta.choose_num_splits(bs, hkv, ctx, dev)
-        default_tile = ta._decode_tiles(torch.bfloat16, d, bs * hkv * default_splits)
+        default_tile = ta._decode_tiles(torch.bfloat16, d, bs * hkv, default_splits, dev)
         tiles = [default_tile] + [t for t in sweep_tiles if t != default_tile]
         split_options = sorted({max(1, default_splits // 2), default_splits,
                                 min(64, default_splits * 2), min(64, default_splits * 4)})

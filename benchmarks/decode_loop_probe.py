@@ -493,6 +493,77 @@ def addressing(out_path: str) -> int:
     return 0
 
 
+def ab(out_path: str, reps: int) -> int:
+    """The shipped kernel (block ids a tile ahead) against the same loop with every tile
+    masked (the kernel before it) and unmasked without the look-ahead, over a few tiles
+    and two split rules (~2 waves, as choose_num_splits, and ~1 wave), every config timed
+    `reps` times in interleaved rounds so that drift hits all variants alike."""
+    from gpu_suite_parts import DecodeCase, per_call_ms, rel_err
+    hq, hkv, d = 32, 8, 128
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    print(f"{torch.cuda.get_device_name()} ({sms} SMs) | triton {triton.__version__} | A/B, {reps} rounds",
+          flush=True)
+    tiles = [(64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3)]
+    results = []
+    for bs, ctx in [(32, 4096), (32, 32768), (128, 4096), (128, 32768), (8, 4096), (1, 32768)]:
+        c = DecodeCase.make(bs, ctx, hq, hkv, d, gen, dev)
+        two = ta.choose_num_splits(bs, hkv, ctx, dev)
+        one = max(1, min(triton.cdiv(sms, bs * hkv), triton.cdiv(ctx, 128), 64))
+        configs = []
+        for (bn, w, st), sp in itertools.product(tiles, sorted({one, two})):
+            configs.append(("masked", bn, w, st, sp))
+            configs.append(("unmasked", bn, w, st, sp))
+            configs.append(("ahead", bn, w, st, sp))
+        configs.append(("ahead", None, None, None, two))   # the shipped defaults
+
+        def call(cfg, i):
+            kind, bn, w, st, sp = cfg
+            if kind == "ahead":
+                return ta.decode_attention(c.q[i], c.k_cache, c.v_cache, c.seq_lens, c.tables(i), c.scale,
+                                           num_splits=sp, tiles=None if bn is None else (bn, w, st))
+            return loop_decode(c.q[i], c.k_cache, c.v_cache, c.seq_lens, c.tables(i), c.scale, sp,
+                               False, kind == "unmasked", bn, w, st)
+
+        def us(fn) -> float:
+            return per_call_ms([lambda i=i: fn(i) for i in range(c.copies)], dev)[0] * 1e3
+
+        ref = c.sdpa(0)
+        errs = {cfg: rel_err(call(cfg, 0), ref) for cfg in configs}
+        times: dict = {cfg: [] for cfg in configs}
+        sdpa = []
+        for _ in range(reps):
+            sdpa.append(us(c.sdpa))
+            for cfg in configs:
+                times[cfg].append(us(lambda i, cfg=cfg: call(cfg, i)))
+        med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+        s_us = med(sdpa)
+        rows = [{"kind": k, "tile": None if bn is None else [bn, w, st], "splits": sp,
+                 "us": med(times[(k, bn, w, st, sp)]), "all_us": times[(k, bn, w, st, sp)],
+                 "err": errs[(k, bn, w, st, sp)]} for (k, bn, w, st, sp) in configs]
+        results.append({"bs": bs, "ctx": ctx, "sdpa_us": s_us, "sdpa_all_us": sdpa,
+                        "splits_2wave": two, "splits_1wave": one, "rows": rows})
+        print(f"bs {bs:4d} ctx {ctx:6d}: SDPA median {s_us:8.1f} us (rounds "
+              + "/".join(f"{x:.1f}" for x in sdpa) + f"); splits 2-wave {two}, 1-wave {one}", flush=True)
+        for kind in ("masked", "unmasked", "ahead"):
+            mine = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["us"])
+            b = mine[0]
+            print(f"     {kind:9s} best {b['us']:8.1f} us ({s_us / b['us']:.3f}x) tile {b['tile']} splits "
+                  f"{b['splits']} | " + " ".join(f"{r['tile']}/{r['splits']}:{s_us / r['us']:.3f}"
+                                               for r in sorted(mine, key=lambda r: (str(r['tile']), r['splits']))),
+                  flush=True)
+        default = next(r for r in rows if r["tile"] is None)
+        print(f"     shipped defaults {default['us']:8.1f} us ({s_us / default['us']:.3f}x), "
+              f"max err {max(r['err'] for r in rows):.1e}", flush=True)
+        if out_path:
+            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(out_path).write_text(json.dumps(results, indent=1, default=str))
+        del c
+        torch.cuda.empty_cache()
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="")
@@ -502,6 +573,10 @@ def main() -> int:
                     help="read-only kernels (gathered and dense) and PDL beside SDPA, not the sweep")
     ap.add_argument("--addressing", action="store_true",
                     help="one split, whole tiles: paged vs dense K/V, block ids a tile ahead")
+    ap.add_argument("--ab", action="store_true",
+                    help="masked loop vs unmasked vs the shipped kernel (block ids a tile ahead), "
+                         "interleaved repeats")
+    ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     if args.check or os.environ.get("TRITON_INTERPRET") == "1":
         return check()
@@ -509,6 +584,8 @@ def main() -> int:
         return ceilings(args.out)
     if args.addressing:
         return addressing(args.out)
+    if args.ab:
+        return ab(args.out, args.reps)
     from gpu_suite_parts import DecodeCase, per_call_ms, rel_err
     hq, hkv, d = 32, 8, 128
     dev = torch.device("cuda")

@@ -311,30 +311,41 @@ def _check_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor,
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     sms = torch.cuda.get_device_properties(device_index).multi_processor_count
-    logger.debug("cuda:%d has %d SMs; split-KV decode aims at 2 waves", device_index, sms)
+    logger.debug("cuda:%d has %d SMs; split-KV decode aims at 2 waves below one of programs",
+                 device_index, sms)
     return sms
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
-    """Enough (batch x kv head x split) programs for ~2 waves over the SMs, but never a
-    split shorter than _MIN_TOKENS_PER_SPLIT positions."""
+    """One split once the (sequence, kv head) programs alone fill the SMs; below that,
+    enough splits for ~2 waves, but never a split shorter than _MIN_TOKENS_PER_SPLIT
+    positions. On an H200 (GQA 32/8, bs 32, ctx 4k-32k) one split of 128-position tiles
+    ran 0.98x SDPA. The previous choice, 2 splits of 64, ran 0.95x with the old loop and
+    0.77-0.80x once the block ids were loaded a tile ahead (decode_loop_probe.py --ab)."""
     by_len = max(1, triton.cdiv(max_seq_len, _MIN_TOKENS_PER_SPLIT))
     if device.type != "cuda":
         return min(2, by_len)  # interpreter: parallelism buys nothing, keep the reduce covered
-    want = triton.cdiv(2 * _sm_count(device.index or 0), max(1, batch * num_kv_heads))
-    return max(1, min(want, by_len, _MAX_SPLITS))
+    sms = _sm_count(device.index or 0)
+    pairs = max(1, batch * num_kv_heads)
+    if pairs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, pairs), by_len, _MAX_SPLITS))
 
 
-def _decode_tiles(dtype: torch.dtype, head_dim: int, programs: int) -> tuple[int, int, int | None]:
-    """(BLOCK_N, num_warps, num_stages or None for Triton's default) for decode. On an
-    H100, 64 x 4 warps was within 3% of the best of BLOCK_N 16..128 x warps 2/4/8 for bf16
-    at head dim 128, G=1/2/4, batch 1..256 (fp32, which is not a serving dtype and is bound
-    by its ieee dot, within 25%). At head dim 64 with >= 1024 programs (Llama-3.2-1B at
-    batch 128), BLOCK_N 32 with 2 stages took 99.9 us against 116 us for the default, at
-    context 1024 and 2048; at 512 programs the default stayed best
-    (benchmarks/decode_attention_sweep.py, RESULTS.md)."""
-    if head_dim <= 64 and programs >= 1024:
-        return 32, 4, 2
+def _decode_tiles(dtype: torch.dtype, head_dim: int, pairs: int, num_splits: int,
+                  device: torch.device) -> tuple[int, int, int | None]:
+    """(BLOCK_N, num_warps, num_stages or None for Triton's default) for decode over
+    `pairs` (sequence, kv head) programs times num_splits. With one split over at least a
+    wave of programs (16-bit, head dim <= 128), 128-position tiles with 2 stages: on an
+    H200 they ran 0.98x SDPA at bs 32 (64 x 3 stages: 0.79-0.98x, depending on the split
+    count) and 1.00x at bs 128 / 32k. At head dim 64 (Llama-3.2-1B, bs 64-128, ctx 1-2k)
+    they took 72.8 us where BLOCK_N 32 x 2 stages, the earlier choice there, took 109.1.
+    More than 2 stages of 128 positions stalls the ahead-loaded block ids (0.75-0.79x).
+    Otherwise (split-KV, fp32, the interpreter) 64 x 4 warps, Triton's default stages:
+    within 3% of the best of the H100 sweep for bs 1-8 (decode_attention_sweep.py)."""
+    if (device.type == "cuda" and num_splits == 1 and pairs >= _sm_count(device.index or 0)
+            and dtype != torch.float32 and head_dim <= 128):
+        return 128, 4, 2
     return 64, 4, None
 
 
@@ -401,7 +412,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tens
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     g = hq // hkv
-    block_n, num_warps, num_stages = tiles or _decode_tiles(q.dtype, d, bsz * hkv * num_splits)
+    block_n, num_warps, num_stages = tiles or _decode_tiles(q.dtype, d, bsz * hkv, num_splits, q.device)
     extra = {} if num_stages is None else {"num_stages": num_stages}
     block_d = max(16, triton.next_power_of_2(d))
     one = num_splits == 1
