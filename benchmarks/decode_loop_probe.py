@@ -320,7 +320,8 @@ def loop_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, num_splits, 
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=g, HEAD_DIM=d, PAGE=k_cache.shape[1], BLOCK_G=max(16, triton.next_power_of_2(g)),
         BLOCK_N=block_n, ONE_SPLIT=one, TRANS=trans, UNMASKED=unmasked,
-        num_warps=num_warps, num_stages=num_stages, **({"PDL": True, "launch_pdl": True} if pdl else {}))
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
+        **({"PDL": True, "launch_pdl": True} if pdl else {}))
     if info is not None and compiled is not None and hasattr(compiled, "asm"):
         ptx = compiled.asm.get("ptx", "")
         info["wgmma"] = "wgmma" in ptx
@@ -493,7 +494,7 @@ def addressing(out_path: str) -> int:
     return 0
 
 
-def ab(out_path: str, reps: int) -> int:
+def ab(out_path: str, reps: int, shapes: list | None = None) -> int:
     """The shipped kernel (block ids a tile ahead) against the same loop with every tile
     masked (the kernel before it) and unmasked without the look-ahead, over a few tiles
     and two split rules (~2 waves, as choose_num_splits, and ~1 wave), every config timed
@@ -505,9 +506,10 @@ def ab(out_path: str, reps: int) -> int:
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     print(f"{torch.cuda.get_device_name()} ({sms} SMs) | triton {triton.__version__} | A/B, {reps} rounds",
           flush=True)
-    tiles = [(64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3)]
+    tiles = [(64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3)] if shapes is None else \
+        [(64, 4, 3), (64, 4, None), (128, 4, 2), (32, 4, 3)]
     results = []
-    for bs, ctx in [(32, 4096), (32, 32768), (128, 4096), (128, 32768), (8, 4096), (1, 32768)]:
+    for bs, ctx in shapes or [(32, 4096), (32, 32768), (128, 4096), (128, 32768), (8, 4096), (1, 32768)]:
         c = DecodeCase.make(bs, ctx, hq, hkv, d, gen, dev)
         two = ta.choose_num_splits(bs, hkv, ctx, dev)
         one = max(1, min(triton.cdiv(sms, bs * hkv), triton.cdiv(ctx, 128), 64))
@@ -577,6 +579,7 @@ def main() -> int:
                     help="masked loop vs unmasked vs the shipped kernel (block ids a tile ahead), "
                          "interleaved repeats")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--shapes", default="", help="--ab only: BATCHxCONTEXT,... (default: the goal's and bs 1/8)")
     args = ap.parse_args()
     if args.check or os.environ.get("TRITON_INTERPRET") == "1":
         return check()
@@ -585,7 +588,8 @@ def main() -> int:
     if args.addressing:
         return addressing(args.out)
     if args.ab:
-        return ab(args.out, args.reps)
+        shapes = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")] if args.shapes else None
+        return ab(args.out, args.reps, shapes)
     from gpu_suite_parts import DecodeCase, per_call_ms, rel_err
     hq, hkv, d = 32, 8, 128
     dev = torch.device("cuda")
