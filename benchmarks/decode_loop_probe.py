@@ -16,6 +16,9 @@ softmax on every tile. This probe times, with the inputs and timing of gpu_suite
 - over BLOCK_N x warps x stages x split counts.
 
     python benchmarks/decode_loop_probe.py [--out OUT.json] [--quick]
+    python benchmarks/decode_loop_probe.py --ceilings      # read-only kernels, PDL
+    python benchmarks/decode_loop_probe.py --addressing    # paged vs block ids 1-2 tiles ahead vs dense
+    python benchmarks/decode_loop_probe.py --ab [--shapes 128x512,64x512] [--reps 3]
     TRITON_INTERPRET=1 python benchmarks/decode_loop_probe.py --check   # CPU, small shapes
 
 The answer goes into benchmarks/RESULTS.md.
@@ -220,7 +223,7 @@ def _addr_kernel(
 ):
     """One split, whole tiles, no masks (the probe's lengths are multiples of BLOCK_N).
     DENSE: K/V are SDPA's contiguous [B, Hkv, S, D] (strides b, s, h in cb, cs, ch) and no
-    block table is read. PREFETCH: the next tile's block ids are loaded a tile ahead, so a
+    block table is read. PREFETCH (1 or 2): each tile's block ids are loaded 1 or 2 tiles ahead, so a
     K/V address never waits on the block-table load of its own iteration. READ_ONLY: the
     tiles are summed instead of attended to (out gets one float per program)."""
     b = tl.program_id(0)
@@ -241,10 +244,16 @@ def _addr_kernel(
     bt_row = bt_ptr + b64 * stride_bt
     base = b64 * stride_cb + kvh * stride_ch
     blk = tl.load(bt_row + offs_n // PAGE).to(tl.int64)
+    blk2 = tl.load(bt_row + (offs_n + BLOCK_N) // PAGE, mask=offs_n + BLOCK_N < seq_len, other=0).to(tl.int64)
     for n0 in range(0, seq_len, BLOCK_N):
         pos = n0 + offs_n
         if DENSE:
             kv = base + pos.to(tl.int64) * stride_cs
+        elif PREFETCH == 2:     # two tiles ahead: tile i's ids were loaded in iteration i - 2
+            kv = blk * stride_cb + (pos % PAGE) * stride_cs + kvh * stride_ch
+            blk = blk2
+            nxt = pos + 2 * BLOCK_N
+            blk2 = tl.load(bt_row + nxt // PAGE, mask=nxt < seq_len, other=0).to(tl.int64)
         elif PREFETCH:
             kv = blk * stride_cb + (pos % PAGE) * stride_cs + kvh * stride_ch
             nxt = pos + BLOCK_N
@@ -441,9 +450,10 @@ def addressing(out_path: str) -> int:
     gen = torch.Generator(device=dev).manual_seed(0)
     print(f"{torch.cuda.get_device_name()} | triton {triton.__version__} | addressing", flush=True)
     tiles = [(64, 3), (64, 4), (128, 2), (128, 3), (128, 4)]
-    kinds = [("paged", False, False), ("paged_prefetch", False, True), ("dense", True, False)]
+    kinds = [("paged", False, 0), ("paged_prefetch", False, 1), ("paged_prefetch2", False, 2),
+             ("dense", True, 0)]
     results = []
-    for bs, ctx in [(32, 4096), (32, 32768), (128, 4096), (128, 32768)]:
+    for bs, ctx in [(32, 4096), (32, 32768), (128, 4096), (128, 32768), (128, 512)]:
         c = DecodeCase.make(bs, ctx, hq, hkv, d, gen, dev)
 
         def us(fn) -> float:
