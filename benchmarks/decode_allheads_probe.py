@@ -33,6 +33,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from gpu_suite_parts import PAGE, DecodeCase, paged_copy, per_call_ms, rel_err  # noqa: E402
+from pdserve.kernels import triton_attention as ta  # noqa: E402
 
 SHAPES = [(1, 32768), (8, 4096), (32, 4096), (32, 32768), (128, 4096), (128, 32768)]
 TILES = list(itertools.product((1, 2), (4, 8), (2, 3)))      # (PAGES, num_warps, num_stages)
@@ -54,9 +55,7 @@ def _allheads_kernel(
     TILE: tl.constexpr = PAGES * PAGE_SIZE           # context positions per tile
     ROWS: tl.constexpr = TILE * HKV
     G: tl.constexpr = HQ // HKV
-    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), TILE) * TILE
-    start = split * per_split
-    end = tl.minimum(start + per_split, seq_len)
+    start, end = ta.split_range(seq_len, split, num_splits, TILE)
     offs_h = tl.arange(0, BLOCK_H)
     offs_r = tl.arange(0, ROWS)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -100,7 +99,6 @@ def _allheads_kernel(
 
 def allheads_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, num_splits, tile):
     """q [B, Hq, D]; caches [num_blocks, page, Hkv, D], each page one contiguous run."""
-    from pdserve.kernels import triton_attention as ta
     bsz, hq, d = q.shape
     _, page, hkv, _ = k_cache.shape
     assert k_cache.stride(1) == hkv * d and k_cache.stride(2) == d and k_cache.stride(3) == 1
@@ -147,7 +145,6 @@ def main() -> int:
     args = ap.parse_args()
     if args.smoke:
         return smoke()
-    from pdserve.kernels import triton_attention as ta
     hq, hkv, d = 32, 8, 128
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)

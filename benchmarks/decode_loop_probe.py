@@ -52,12 +52,15 @@ def _tile(q, k_ptr, v_ptr, bt_row, n0, end, kvh, m_i, l_i, acc, scale_log2,
     """One online-softmax step over positions [n0, n0 + BLOCK_N). TRANS: q is [D, G],
     acc [D, G], m/l [G]; else q [G, D], acc [G, D]."""
     pos = n0 + offs_n
+    pmask = pos < end
     if MASKED:
-        pmask = pos < end
         blk = tl.load(bt_row + pos // PAGE, mask=pmask, other=0).to(tl.int64)
     else:
         blk = tl.load(bt_row + pos // PAGE).to(tl.int64)
     kv = blk * stride_cb + (pos % PAGE) * stride_cs + kvh * stride_ch
+    if not TRANS:   # pdserve's own tile step
+        return ta._decode_tile(q, k_ptr, v_ptr, kv, pmask, m_i, l_i, acc, scale_log2, offs_d,
+                               offs_d < offs_d.shape[0], MASKED, False, "tf32")
     ptr = kv[:, None] + offs_d[None, :]
     if MASKED:
         k = tl.load(k_ptr + ptr, mask=pmask[:, None], other=0.0)
@@ -65,24 +68,14 @@ def _tile(q, k_ptr, v_ptr, bt_row, n0, end, kvh, m_i, l_i, acc, scale_log2,
     else:
         k = tl.load(k_ptr + ptr)
         v = tl.load(v_ptr + ptr)
-    if TRANS:
-        s = tl.dot(k, q) * scale_log2                                  # [N, G]
-        if MASKED:
-            s = tl.where(pmask[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[None, :])
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype))  # [D, G]
-    else:
-        s = tl.dot(q, tl.trans(k)) * scale_log2                        # [G, N]
-        if MASKED:
-            s = tl.where(pmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)          # [G, D]
+    s = tl.dot(k, q) * scale_log2                                      # [N, G]
+    if MASKED:
+        s = tl.where(pmask[:, None], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[None, :])
+    l_i = l_i * alpha + tl.sum(p, axis=0)
+    acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype))    # [D, G]
     return m_new, l_i, acc
 
 
@@ -100,9 +93,7 @@ def _loop_split_kernel(
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * per_split
-    end = tl.minimum(start + per_split, seq_len)
+    start, end = ta.split_range(seq_len, split, num_splits, BLOCK_N)
     offs_g = tl.arange(0, BLOCK_G)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -116,7 +107,7 @@ def _loop_split_kernel(
         q = tl.load(q_row + heads[None, :] * stride_qh + offs_d[:, None], mask=gmask[None, :], other=0.0)
         acc = tl.zeros([HEAD_DIM, BLOCK_G], tl.float32)
     else:
-        q = tl.load(q_row + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
+        q, heads, gmask = ta.load_group_q(q_ptr, b64, kvh, stride_qb, stride_qh, G, BLOCK_G, HEAD_DIM, HEAD_DIM)
         acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     bt_row = bt_ptr + b64 * stride_bt
     if UNMASKED:
@@ -164,9 +155,7 @@ def _gather_read_kernel(k_ptr, v_ptr, seq_lens_ptr, bt_ptr, out_ptr, num_splits,
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
-    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * per_split
-    end = tl.minimum(start + per_split, seq_len)
+    start, end = ta.split_range(seq_len, split, num_splits, BLOCK_N)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     bt_row = bt_ptr + b.to(tl.int64) * stride_bt
@@ -187,9 +176,7 @@ def _dense_read_kernel(k_ptr, v_ptr, out_ptr, seq_len, num_splits, stride_b, str
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * per_split
-    end = tl.minimum(start + per_split, seq_len)
+    start, end = ta.split_range(seq_len, split, num_splits, BLOCK_N)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     base = b.to(tl.int64) * stride_b + kvh * stride_h
@@ -199,19 +186,6 @@ def _dense_read_kernel(k_ptr, v_ptr, out_ptr, seq_len, num_splits, stride_b, str
         ptr = base + (n0 + offs_n)[:, None].to(tl.int64) * stride_s + offs_d[None, :]
         acc += tl.load(k_ptr + ptr).to(tl.float32) + tl.load(v_ptr + ptr).to(tl.float32)
     tl.store(out_ptr + ((b * tl.num_programs(1) + kvh) * num_splits + split), tl.sum(tl.sum(acc, 1), 0))
-
-
-@triton.jit
-def _softmax_step(q, k, v, pmask, m_i, l_i, acc, scale_log2, MASKED: tl.constexpr):
-    s = tl.dot(q, tl.trans(k)) * scale_log2                            # [G, N]
-    if MASKED:
-        s = tl.where(pmask[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -229,14 +203,10 @@ def _addr_kernel(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + b)
-    offs_g = tl.arange(0, BLOCK_G)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    gmask = offs_g < G
-    heads = kvh * G + offs_g
     b64 = b.to(tl.int64)
-    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=gmask[:, None], other=0.0)
+    q, heads, gmask = ta.load_group_q(q_ptr, b64, kvh, stride_qb, stride_qh, G, BLOCK_G, HEAD_DIM, HEAD_DIM)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
@@ -261,13 +231,12 @@ def _addr_kernel(
         else:
             kv = tl.load(bt_row + pos // PAGE).to(tl.int64) * stride_cb + (pos % PAGE) * stride_cs \
                 + kvh * stride_ch
-        ptr = kv[:, None] + offs_d[None, :]
-        k = tl.load(k_ptr + ptr)
-        v = tl.load(v_ptr + ptr)
         if READ_ONLY:
-            racc += k.to(tl.float32) + v.to(tl.float32)
+            ptr = kv[:, None] + offs_d[None, :]
+            racc += tl.load(k_ptr + ptr).to(tl.float32) + tl.load(v_ptr + ptr).to(tl.float32)
         else:
-            m_i, l_i, acc = _softmax_step(q, k, v, pos, m_i, l_i, acc, scale_log2, False)
+            m_i, l_i, acc = ta._decode_tile(q, k_ptr, v_ptr, kv, pos < seq_len, m_i, l_i, acc, scale_log2,
+                                            offs_d, offs_d < HEAD_DIM, False, False, "tf32")
     if READ_ONLY:
         tl.store(out_ptr + b64 * stride_ob + kvh * G * stride_oh, tl.sum(tl.sum(racc, 1), 0).to(out_ptr.dtype.element_ty))
     else:
@@ -343,23 +312,13 @@ def loop_decode(q, k_cache, v_cache, seq_lens, block_tables, scale, num_splits, 
 
 def check() -> int:
     """Every variant against the torch reference on ragged lengths (interpreter or GPU)."""
-    from pdserve.kernels import reference
+    from gpu_suite_parts import ragged_decode_case
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    hq, hkv, d, page = 8, 2, 64, 16
-    lens = [1, 15, 16, 17, 70, 129]
-    nblk = -(-max(lens) // page)
-    nb = len(lens) * nblk + 3
-    k_cache = torch.randn(nb, page, hkv, d, dtype=dtype, device=dev)
-    v_cache = torch.randn_like(k_cache)
-    bt = torch.randperm(nb, device=dev)[:len(lens) * nblk].view(len(lens), nblk).to(torch.int32)
-    q = torch.randn(len(lens), hq, d, dtype=dtype, device=dev)
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
-    ref = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), seq_lens, bt, d ** -0.5)
+    q, k_cache, v_cache, seq_lens, bt, scale, ref = ragged_decode_case(dev, dtype)
     worst = 0.0
     for trans, unmasked, splits, block_n in itertools.product((False, True), (False, True), (1, 3), (16, 32)):
-        out = loop_decode(q, k_cache, v_cache, seq_lens, bt, d ** -0.5, splits, trans, unmasked, block_n)
+        out = loop_decode(q, k_cache, v_cache, seq_lens, bt, scale, splits, trans, unmasked, block_n)
         err = float((out.float() - ref).abs().max())
         worst = max(worst, err)
         print(f"trans {trans:d} unmasked {unmasked:d} splits {splits} BLOCK_N {block_n}: "
@@ -369,138 +328,125 @@ def check() -> int:
     return 0 if worst < tol else 1
 
 
+def _run_variants(variants: list, us, ref: torch.Tensor) -> list[dict]:
+    """Times each (record, check, fn): fn(i) runs on copy i; check compares fn(0) with ref."""
+    from gpu_suite_parts import rel_err
+    runs = []
+    for rec, check, fn in variants:
+        try:
+            err = rel_err(fn(0), ref) if check else 0.0
+            runs.append({**rec, "us": us(fn), "err": err})
+        except Exception as e:  # noqa: BLE001 - a variant that does not compile or fit
+            runs.append({**rec, "error": f"{type(e).__name__}: {str(e)[:160]}"})
+    return runs
+
+
+def _print_best(c, row: dict, keys: tuple[str, ...]) -> None:
+    """SDPA and pdserve, then each kind's best run and all its runs, as TB/s and xSDPA."""
+    sdpa = min(row["sdpa_us"], row["sdpa_us_2"])
+    tbs = lambda t: c.kv_bytes / t / 1e6  # noqa: E731
+    print(f"bs {c.bs:4d} ctx {c.ctx:6d}: SDPA {row['sdpa_us']:8.1f}/{row['sdpa_us_2']:8.1f} us "
+          f"({tbs(sdpa):.2f} TB/s) | pdserve {row['pdserve_us']:8.1f} ({sdpa / row['pdserve_us']:.3f}x)",
+          flush=True)
+    runs = row["runs"]
+    for kind in dict.fromkeys(r["kind"] for r in runs):
+        mine = sorted((r for r in runs if r["kind"] == kind and "us" in r), key=lambda r: r["us"])
+        bad = [r for r in runs if r["kind"] == kind and "error" in r]
+        if mine:
+            b = mine[0]
+            cfg = lambda r: "/".join(str(r[k]) for k in keys)  # noqa: E731
+            print(f"     {kind:20s} best {b['us']:8.1f} us ({tbs(b['us']):.2f} TB/s, {sdpa / b['us']:.3f}x "
+                  f"SDPA) {cfg(b)} err {b['err']:.1e} | all: "
+                  + " ".join(f"{cfg(r)}:{r['us']:.1f}" for r in sorted(mine, key=cfg)), flush=True)
+        if bad:
+            print(f"     {kind:20s} failed: {bad[0]}", flush=True)
+
+
+def _save(out_path: str, results: list) -> None:
+    """After every shape, so a run cut short keeps what it measured."""
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_path).write_text(json.dumps(results, indent=1, default=str))
+
+
+def _cases(shapes: list, label: str):
+    """For each (bs, ctx): part b's inputs (GQA 32/8, d 128, bf16), a timer over their
+    rotated copies, SDPA's output on copy 0, and a row with SDPA's and pdserve's times."""
+    from gpu_suite_parts import DecodeCase, per_call_ms
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    print(f"{torch.cuda.get_device_name()} | triton {triton.__version__} | {label}", flush=True)
+    for bs, ctx in shapes:
+        c = DecodeCase.make(bs, ctx, 32, 8, 128, gen, dev)
+
+        def us(fn, c=c) -> float:
+            return per_call_ms([lambda i=i: fn(i) for i in range(c.copies)], dev)[0] * 1e3
+
+        row = {"bs": bs, "ctx": ctx, "kv_bytes": c.kv_bytes, "sdpa_us": us(c.sdpa),
+               "pdserve_us": us(lambda i, c=c: ta.decode_attention(
+                   c.q[i], c.k_cache, c.v_cache, c.seq_lens, c.tables(i), c.scale, max_seq_len=c.ctx))}
+        yield c, us, c.sdpa(0), row
+        del c, us
+        torch.cuda.empty_cache()
+
+
 def ceilings(out_path: str) -> int:
     """Where the time goes at the goal's shapes: the same bytes read with no maths (through
     the block table, and dense from SDPA's contiguous K/V), and the unmasked loop with and
     without programmatic dependent launch, each beside SDPA."""
-    from gpu_suite_parts import DecodeCase, per_call_ms, rel_err
-    hq, hkv, d = 32, 8, 128
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(0)
-    print(f"{torch.cuda.get_device_name()} | triton {triton.__version__} | ceilings", flush=True)
     tiles = [(64, 3), (64, 4), (128, 2), (128, 3), (128, 4)]
     results = []
-    for bs, ctx in [(32, 4096), (32, 32768), (128, 4096), (8, 4096), (1, 32768)]:
-        c = DecodeCase.make(bs, ctx, hq, hkv, d, gen, dev)
-        splits0 = ta.choose_num_splits(bs, hkv, ctx, dev)
+    for c, us, ref, row in _cases([(32, 4096), (32, 32768), (128, 4096), (8, 4096), (1, 32768)], "ceilings"):
+        bs = c.bs
+        splits0 = ta.choose_num_splits(bs, c.k.shape[1], c.ctx, c.q.device)
         split_set = sorted({1, splits0}) if bs >= 32 else [splits0]
-
-        def us(fn) -> float:
-            return per_call_ms([lambda i=i: fn(i) for i in range(c.copies)], dev)[0] * 1e3
-
-        ref = c.sdpa(0)
-        row = {"bs": bs, "ctx": ctx, "splits": splits0, "kv_bytes": c.kv_bytes,
-               "sdpa_us": us(c.sdpa),
-               "pdserve_us": us(lambda i: ta.decode_attention(c.q[i], c.k_cache, c.v_cache, c.seq_lens,
-                                                              c.tables(i), c.scale, max_seq_len=ctx))}
-        runs = []
+        row["splits"] = splits0
+        variants = []
         for (bn, st), sp in itertools.product(tiles, split_set):
-            for name, fn in [
-                ("loop", lambda i, bn=bn, st=st, sp=sp: loop_decode(
+            rec = {"block_n": bn, "stages": st, "splits": sp}
+            variants += [
+                ({"kind": "loop", **rec}, True, lambda i, bn=bn, st=st, sp=sp: loop_decode(
                     c.q[i], c.k_cache, c.v_cache, c.seq_lens, c.tables(i), c.scale, sp, False, True, bn, 4, st)),
-                ("loop_pdl", lambda i, bn=bn, st=st, sp=sp: loop_decode(
+                ({"kind": "loop_pdl", **rec}, True, lambda i, bn=bn, st=st, sp=sp: loop_decode(
                     c.q[i], c.k_cache, c.v_cache, c.seq_lens, c.tables(i), c.scale, sp, False, True, bn, 4, st,
                     pdl=True)),
-                ("gather_read", lambda i, bn=bn, st=st, sp=sp: gather_read(
+                ({"kind": "gather_read", **rec}, False, lambda i, bn=bn, st=st, sp=sp: gather_read(
                     c.k_cache, c.v_cache, c.seq_lens, c.tables(i), sp, bn, 4, st)),
-                ("dense_read", lambda i, bn=bn, st=st, sp=sp: dense_read(
+                ({"kind": "dense_read", **rec}, False, lambda i, bn=bn, st=st, sp=sp: dense_read(
                     c.k[i * bs:(i + 1) * bs], c.v[i * bs:(i + 1) * bs], sp, bn, 4, st)),
-            ]:
-                try:
-                    err = rel_err(fn(0), ref) if name.startswith("loop") else 0.0
-                    runs.append({"kind": name, "block_n": bn, "stages": st, "splits": sp, "us": us(fn),
-                                 "err": err})
-                except Exception as e:  # noqa: BLE001
-                    runs.append({"kind": name, "block_n": bn, "stages": st, "splits": sp,
-                                 "error": f"{type(e).__name__}: {str(e)[:160]}"})
+            ]
+        row["runs"] = _run_variants(variants, us, ref)
         row["sdpa_us_2"] = us(c.sdpa)
-        row["runs"] = runs
-        sdpa = min(row["sdpa_us"], row["sdpa_us_2"])
-        tbs = lambda t: c.kv_bytes / t / 1e6  # noqa: E731
-        print(f"bs {bs:4d} ctx {ctx:6d}: SDPA {row['sdpa_us']:8.1f}/{row['sdpa_us_2']:8.1f} us "
-              f"({tbs(sdpa):.2f} TB/s) | pdserve {row['pdserve_us']:8.1f} ({sdpa / row['pdserve_us']:.3f}x)",
-              flush=True)
-        for kind in ("loop", "loop_pdl", "gather_read", "dense_read"):
-            mine = sorted((r for r in runs if r["kind"] == kind and "us" in r), key=lambda r: r["us"])
-            bad = [r for r in runs if r["kind"] == kind and "error" in r]
-            if mine:
-                b = mine[0]
-                print(f"     {kind:12s} best {b['us']:8.1f} us ({tbs(b['us']):.2f} TB/s, {sdpa / b['us']:.3f}x SDPA) "
-                      f"N{b['block_n']} s{b['stages']} splits {b['splits']} err {b['err']:.1e} "
-                      f"| all: " + " ".join(f"{r['block_n']}/{r['stages']}/{r['splits']}:{r['us']:.1f}"
-                                            for r in sorted(mine, key=lambda r: (r['block_n'], r['stages'], r['splits']))),
-                      flush=True)
-            if bad:
-                print(f"     {kind:12s} failed: {bad[0]}", flush=True)
+        _print_best(c, row, ("block_n", "stages", "splits"))
         results.append(row)
-        if out_path:
-            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(out_path).write_text(json.dumps(results, indent=1, default=str))
-        del c
-        torch.cuda.empty_cache()
+        _save(out_path, results)
     return 0
 
 
 def addressing(out_path: str) -> int:
     """Same loop, one split, at the goal's shapes: K/V through the block table as pdserve
     reads them, with the block ids loaded a tile ahead, and from SDPA's dense tensors."""
-    from gpu_suite_parts import DecodeCase, per_call_ms, rel_err
-    hq, hkv, d = 32, 8, 128
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(0)
-    print(f"{torch.cuda.get_device_name()} | triton {triton.__version__} | addressing", flush=True)
     tiles = [(64, 3), (64, 4), (128, 2), (128, 3), (128, 4)]
     kinds = [("paged", False, 0), ("paged_prefetch", False, 1), ("paged_prefetch2", False, 2),
              ("dense", True, 0)]
     results = []
-    for bs, ctx in [(32, 4096), (32, 32768), (128, 4096), (128, 32768), (128, 512)]:
-        c = DecodeCase.make(bs, ctx, hq, hkv, d, gen, dev)
-
-        def us(fn) -> float:
-            return per_call_ms([lambda i=i: fn(i) for i in range(c.copies)], dev)[0] * 1e3
-
-        ref = c.sdpa(0)
-        row = {"bs": bs, "ctx": ctx, "sdpa_us": us(c.sdpa),
-               "pdserve_us": us(lambda i: ta.decode_attention(c.q[i], c.k_cache, c.v_cache, c.seq_lens,
-                                                              c.tables(i), c.scale, max_seq_len=ctx))}
-        runs = []
+    for c, us, ref, row in _cases([(32, 4096), (32, 32768), (128, 4096), (128, 32768), (128, 512)],
+                                  "addressing"):
+        bs = c.bs
+        variants = []
         for (bn, st), (kind, dense, pre), ro in itertools.product(tiles, kinds, (False, True)):
             def fn(i, bn=bn, st=st, dense=dense, pre=pre, ro=ro):
                 kk = c.k[i * bs:(i + 1) * bs] if dense else c.k_cache
                 vv = c.v[i * bs:(i + 1) * bs] if dense else c.v_cache
                 return addr_decode(c.q[i], kk, vv, c.seq_lens, c.tables(i), c.scale, dense, pre, ro,
                                    bn, 4, st)
-            name = kind + ("_read" if ro else "")
-            try:
-                err = 0.0 if ro else rel_err(fn(0), ref)
-                runs.append({"kind": name, "block_n": bn, "stages": st, "us": us(fn), "err": err})
-            except Exception as e:  # noqa: BLE001
-                runs.append({"kind": name, "block_n": bn, "stages": st,
-                             "error": f"{type(e).__name__}: {str(e)[:160]}"})
+            variants.append(({"kind": kind + ("_read" if ro else ""), "block_n": bn, "stages": st},
+                             not ro, fn))
+        row["runs"] = _run_variants(variants, us, ref)
         row["sdpa_us_2"] = us(c.sdpa)
-        row["runs"] = runs
-        sdpa = min(row["sdpa_us"], row["sdpa_us_2"])
-        tbs = lambda t: c.kv_bytes / t / 1e6  # noqa: E731
-        print(f"bs {bs:4d} ctx {ctx:6d}: SDPA {row['sdpa_us']:8.1f}/{row['sdpa_us_2']:8.1f} us "
-              f"({tbs(sdpa):.2f} TB/s) | pdserve {row['pdserve_us']:8.1f} ({sdpa / row['pdserve_us']:.3f}x)",
-              flush=True)
-        for name in sorted({r["kind"] for r in runs}):
-            mine = sorted((r for r in runs if r["kind"] == name and "us" in r), key=lambda r: r["us"])
-            bad = [r for r in runs if r["kind"] == name and "error" in r]
-            if mine:
-                b = mine[0]
-                print(f"     {name:20s} best {b['us']:8.1f} us ({tbs(b['us']):.2f} TB/s, {sdpa / b['us']:.3f}x SDPA) "
-                      f"N{b['block_n']} s{b['stages']} err {b['err']:.1e} | all: "
-                      + " ".join(f"{r['block_n']}/{r['stages']}:{r['us']:.1f}"
-                                 for r in sorted(mine, key=lambda r: (r['block_n'], r['stages']))), flush=True)
-            if bad:
-                print(f"     {name:20s} failed: {bad[0]}", flush=True)
+        _print_best(c, row, ("block_n", "stages"))
         results.append(row)
-        if out_path:
-            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(out_path).write_text(json.dumps(results, indent=1, default=str))
-        del c
-        torch.cuda.empty_cache()
+        _save(out_path, results)
     return 0
 
 
@@ -509,19 +455,17 @@ def ab(out_path: str, reps: int, shapes: list | None = None) -> int:
     masked (the kernel before it) and unmasked without the look-ahead, over a few tiles
     and two split rules (~2 waves, as choose_num_splits, and ~1 wave), every config timed
     `reps` times in interleaved rounds so that drift hits all variants alike."""
-    from gpu_suite_parts import DecodeCase, per_call_ms, rel_err
-    hq, hkv, d = 32, 8, 128
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(0)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    print(f"{torch.cuda.get_device_name()} ({sms} SMs) | triton {triton.__version__} | A/B, {reps} rounds",
-          flush=True)
+    from gpu_suite_parts import rel_err
+    hkv = 8
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"{sms} SMs, {reps} rounds", flush=True)
     tiles = [(64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3)] if shapes is None else \
         [(64, 4, 3), (64, 4, None), (128, 4, 2), (32, 4, 3)]
     results = []
-    for bs, ctx in shapes or [(32, 4096), (32, 32768), (128, 4096), (128, 32768), (8, 4096), (1, 32768)]:
-        c = DecodeCase.make(bs, ctx, hq, hkv, d, gen, dev)
-        two = ta.choose_num_splits(bs, hkv, ctx, dev)
+    for c, us, ref, _ in _cases(shapes or [(32, 4096), (32, 32768), (128, 4096), (128, 32768), (8, 4096),
+                                           (1, 32768)], "A/B"):
+        bs, ctx = c.bs, c.ctx
+        two = ta.choose_num_splits(bs, hkv, ctx, c.q.device)
         one = max(1, min(triton.cdiv(sms, bs * hkv), triton.cdiv(ctx, 128), 64))
         configs = []
         for (bn, w, st), sp in itertools.product(tiles, sorted({one, two})):
@@ -538,10 +482,6 @@ def ab(out_path: str, reps: int, shapes: list | None = None) -> int:
             return loop_decode(c.q[i], c.k_cache, c.v_cache, c.seq_lens, c.tables(i), c.scale, sp,
                                False, kind == "unmasked", bn, w, st)
 
-        def us(fn) -> float:
-            return per_call_ms([lambda i=i: fn(i) for i in range(c.copies)], dev)[0] * 1e3
-
-        ref = c.sdpa(0)
         errs = {cfg: rel_err(call(cfg, 0), ref) for cfg in configs}
         times: dict = {cfg: [] for cfg in configs}
         sdpa = []
@@ -568,11 +508,7 @@ def ab(out_path: str, reps: int, shapes: list | None = None) -> int:
         default = next(r for r in rows if r["tile"] is None)
         print(f"     shipped defaults {default['us']:8.1f} us ({s_us / default['us']:.3f}x), "
               f"max err {max(r['err'] for r in rows):.1e}", flush=True)
-        if out_path:
-            Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(out_path).write_text(json.dumps(results, indent=1, default=str))
-        del c
-        torch.cuda.empty_cache()
+        _save(out_path, results)
     return 0
 
 
@@ -600,32 +536,22 @@ def main() -> int:
     if args.ab:
         shapes = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")] if args.shapes else None
         return ab(args.out, args.reps, shapes)
-    from gpu_suite_parts import DecodeCase, per_call_ms, rel_err
-    hq, hkv, d = 32, 8, 128
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(0)
-    print(f"{torch.cuda.get_device_name()} | triton {triton.__version__} | GQA {hq}/{hkv}, "
-          f"head dim {d}, bf16, page 16", flush=True)
+    from gpu_suite_parts import rel_err
     modes = [(t, u) for t in (False, True) for u in (False, True)]
     tiles = list(itertools.product((64, 128), (4, 8), (2, 3, 4)))
     if args.quick:
         tiles = [(64, 4, 3), (128, 4, 3), (64, 4, 4), (128, 8, 3)]
     results = []
     shapes = [(32, 4096), (32, 32768), (128, 4096), (128, 32768), (8, 4096), (1, 32768)]
-    for bs, ctx in shapes:
-        c = DecodeCase.make(bs, ctx, hq, hkv, d, gen, dev)
-        default_splits = ta.choose_num_splits(bs, hkv, ctx, dev)
+    for c, us, ref, row in _cases(shapes, "loop body sweep"):
+        bs, ctx = c.bs, c.ctx
+        default_splits = ta.choose_num_splits(bs, 8, ctx, c.q.device)
+        row["splits"] = default_splits
 
-        def us(fn) -> float:
-            return per_call_ms([lambda i=i: fn(i) for i in range(c.copies)], dev)[0] * 1e3
-
-        def pdserve(i):
+        def pdserve(i, c=c):
             return ta.decode_attention(c.q[i], c.k_cache, c.v_cache, c.seq_lens, c.tables(i),
-                                       c.scale, max_seq_len=ctx)
+                                       c.scale, max_seq_len=c.ctx)
 
-        ref = c.sdpa(0)
-        row = {"bs": bs, "ctx": ctx, "splits": default_splits, "sdpa_us": us(c.sdpa),
-               "pdserve_us": us(pdserve)}
         split_set = sorted({1, default_splits, 2 * default_splits})
         if bs < 32:
             split_set = [default_splits]
@@ -672,11 +598,7 @@ def main() -> int:
         for r in row["failed"][:1]:
             print("   first failure:", r, flush=True)
         results.append(row)
-        if args.out:   # after every shape, so a run cut short keeps what it measured
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(results, indent=1, default=str))
-        del c
-        torch.cuda.empty_cache()
+        _save(args.out, results)
     return 0
 
 

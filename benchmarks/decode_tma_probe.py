@@ -64,16 +64,10 @@ def _tma_split_kernel(
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b)
     TILE: tl.constexpr = PAGE * PAGES
-    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), TILE) * TILE
-    start = split * per_split
-    end = tl.minimum(start + per_split, seq_len)
-    offs_g = tl.arange(0, BLOCK_G)
+    start, end = ta.split_range(seq_len, split, num_splits, TILE)
     offs_d = tl.arange(0, HEAD_DIM)
-    gmask = offs_g < G
-    heads = kvh * G + offs_g
     b64 = b.to(tl.int64)
-    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=gmask[:, None], other=0.0)
+    q, heads, gmask = ta.load_group_q(q_ptr, b64, kvh, stride_qb, stride_qh, G, BLOCK_G, HEAD_DIM, HEAD_DIM)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
@@ -149,23 +143,13 @@ def make_descs(k_cache: torch.Tensor, v_cache: torch.Tensor):
 
 def check() -> int:
     """The TMA kernel against the torch reference on ragged lengths (interpreter or GPU)."""
-    from pdserve.kernels import reference
+    from gpu_suite_parts import ragged_decode_case
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    hq, hkv, d, page = 8, 2, 64, 16
-    lens = [1, 15, 16, 17, 70, 129]
-    nblk = -(-max(lens) // page)
-    nb = len(lens) * nblk + 3
-    k_cache = torch.randn(nb, page, hkv, d, dtype=dtype, device=dev)
-    v_cache = torch.randn_like(k_cache)
-    bt = torch.randperm(nb, device=dev)[:len(lens) * nblk].view(len(lens), nblk).to(torch.int32)
-    q = torch.randn(len(lens), hq, d, dtype=dtype, device=dev)
-    seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
-    ref = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), seq_lens, bt, d ** -0.5)
+    q, k_cache, v_cache, seq_lens, bt, scale, ref = ragged_decode_case(dev, dtype)
     worst = 0.0
     for pages, splits in itertools.product((1, 2, 4), (1, 2, 3)):
-        out = tma_decode(q, k_cache, v_cache, seq_lens, bt, d ** -0.5, splits, pages)
+        out = tma_decode(q, k_cache, v_cache, seq_lens, bt, scale, splits, pages)
         err = float((out.float() - ref).abs().max())
         worst = max(worst, err)
         print(f"pages {pages} splits {splits}: max abs err {err:.2e}", flush=True)

@@ -241,6 +241,26 @@ class DecodeCase:
                                               scale=self.scale, enable_gqa=True).squeeze(2)
 
 
+def ragged_decode_case(dev: torch.device, dtype: torch.dtype) -> tuple:
+    """Small ragged decode inputs for the probes' --check: (q, k_cache, v_cache, seq_lens,
+    block_tables, scale, ref), GQA 8/2, head dim 64, page 16, lengths 1..129 over a random
+    block order; ref is the fp32 torch reference."""
+    from pdserve.kernels import reference
+    torch.manual_seed(0)
+    hq, hkv, d = 8, 2, 64
+    lens = [1, 15, 16, 17, 70, 129]
+    nblk = -(-max(lens) // PAGE)
+    nb = len(lens) * nblk + 3
+    k_cache = torch.randn(nb, PAGE, hkv, d, dtype=dtype, device=dev)
+    v_cache = torch.randn_like(k_cache)
+    bt = torch.randperm(nb, device=dev)[:len(lens) * nblk].view(len(lens), nblk).to(torch.int32)
+    q = torch.randn(len(lens), hq, d, dtype=dtype, device=dev)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
+    scale = d ** -0.5
+    ref = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), seq_lens, bt, scale)
+    return q, k_cache, v_cache, seq_lens, bt, scale, ref
+
+
 def _ragged_decode_check(s: Any, gen: torch.Generator) -> float:
     """pdserve's decode kernel vs the fp32 torch reference on ragged lengths."""
     from pdserve.kernels import reference, triton_attention

@@ -54,6 +54,29 @@ def _kv_offsets(bt_row_ptr, pos, pmask, kvh, stride_cb, stride_cs, stride_ch,
 
 
 @triton.jit
+def split_range(seq_len, split, num_splits, TILE: tl.constexpr):
+    """[start, end) of split `split` of num_splits over seq_len positions, in whole tiles of
+    TILE, so only the context's last tile is ragged; start >= end for an empty split."""
+    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), TILE) * TILE
+    start = split * per_split
+    return start, tl.minimum(start + per_split, seq_len)
+
+
+@triton.jit
+def load_group_q(q_ptr, b64, kvh, stride_qb, stride_qh, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                 BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Sequence b64's query rows [BLOCK_G, BLOCK_D] for kv head kvh's group (zeros past G
+    and HEAD_DIM), with their head ids [BLOCK_G] and the group's row mask."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    gmask = offs_g < G
+    heads = kvh * G + offs_g
+    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=gmask[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    return q, heads, gmask
+
+
+@triton.jit
 def _decode_tile(q, k_ptr, v_ptr, kv, pmask, m_i, l_i, acc, scale_log2, offs_d, dmask,
                  MASKED: tl.constexpr, DMASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One online-softmax step of the decode kernel over one tile: kv [BLOCK_N] holds the
@@ -102,21 +125,13 @@ def _decode_split_kernel(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + b)
-    # Whole tiles per split, so only the context's last tile is ragged.
-    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * per_split
-    end = tl.minimum(start + per_split, seq_len)
+    start, end = split_range(tl.load(seq_lens_ptr + b), split, num_splits, BLOCK_N)
 
-    offs_g = tl.arange(0, BLOCK_G)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    gmask = offs_g < G
     dmask = offs_d < HEAD_DIM
-    heads = kvh * G + offs_g
     b64 = b.to(tl.int64)
-    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=gmask[:, None] & dmask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    q, heads, gmask = load_group_q(q_ptr, b64, kvh, stride_qb, stride_qh, G, BLOCK_G, BLOCK_D, HEAD_DIM)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
