@@ -59,10 +59,12 @@ def make_case(ctx_lens: list[int], q_lens: list[int], *, page: int, hkv: int, g:
                 meta=meta, scale=d ** -0.5)
 
 
-def _decode_pair(c: dict, num_splits: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_pair(c: dict, num_splits: int | None,
+                 tiles: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     m = c["meta"]
     got = triton_attention.decode_attention(c["q"], c["k_cache"], c["v_cache"], m.seq_lens,
-                                            m.block_tables, c["scale"], num_splits=num_splits)
+                                            m.block_tables, c["scale"], num_splits=num_splits,
+                                            tiles=tiles)
     want = reference.decode_attention(c["q"], c["k_cache"], c["v_cache"], m.seq_lens,
                                       m.block_tables, c["scale"])
     return got, want
@@ -102,6 +104,18 @@ def test_decode_split_kv(num_splits: int) -> None:
     c = make_case([1, 50, 130], [1, 1, 1], page=16, hkv=1, g=4, d=64, dtype=torch.float32, seed=1)
     got, want = _decode_pair(c, num_splits=num_splits)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("tiles", [(64, 4, None), (128, 4, 2)], ids=["n64", "n128-s2"])
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+def test_decode_shipped_tiles(tiles: tuple, num_splits: int, dtype: torch.dtype) -> None:
+    # Both tile shapes _decode_tiles ships: whole tiles run unmasked with their block ids
+    # loaded a tile ahead, so lengths one short of, at, and one past a tile (and a split's
+    # end) must neither read a NaN slot past the context nor drop a position.
+    c = make_case([1, 127, 128, 129, 300], [1] * 5, page=16, hkv=1, g=4, d=64, dtype=dtype, seed=5)
+    got, want = _decode_pair(c, num_splits=num_splits, tiles=tiles)
+    torch.testing.assert_close(got, want, **TOL[dtype])
 
 
 @pytest.mark.parametrize("page,g,d,dtype", CASES, ids=CASE_IDS)
