@@ -138,9 +138,10 @@ def _decode_split_kernel(
     bt_row = bt_ptr + b64 * stride_bt
     head_off = kvh * stride_ch
     # Whole tiles run unmasked, and each tile's block ids are loaded one tile ahead, so
-    # no K/V address waits on a block-table load of its own iteration (on an H200 this
-    # took bs 32 / ctx 4k from 0.957x to 0.988x SDPA, and bs 1 / 32k from 0.88x to 0.98x:
-    # benchmarks/decode_loop_probe.py). The ragged last tile, if any, runs masked.
+    # no K/V address waits on a block-table load of its own iteration. On an H200, with one
+    # split of 128-position tiles, bs 32 / ctx 4k ran 0.982x SDPA against 0.956x for the
+    # same tiles every one masked (decode_loop_probe.py --ab; RESULTS.md, "Session 11").
+    # The ragged last tile, if any, runs masked.
     # An empty split (start >= end) runs no tile and reports m = -inf, l = 0.
     full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
     pos = start + offs_n
