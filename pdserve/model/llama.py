@@ -163,7 +163,8 @@ def _plan_file(weights: list[Tensor]) -> Path:
     """Where this machine's plan for these weight shapes is kept (PDSERVE_CACHE_DIR)."""
     from pdserve import env
     key = json.dumps({"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-                      "torch": torch.__version__, "shapes": [list(w.shape) for w in weights]})
+                      "torch": torch.__version__, "shapes": [list(w.shape) for w in weights],
+                      "dtype": str(weights[0].dtype)})
     return env.cache_dir() / "cpu-gemm" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
 
