@@ -1,7 +1,7 @@
 """pdserve engine vs Hugging Face transformers `generate` on CPU (issue 2), one run.
 
 Both run in this process on the same model (the default SmolLM2-135M-Instruct unless
---model), fp32, torch threads = all cores, greedy, ignore_eos, prompts of random token
+--model), in the same dtype (--dtype, fp32 unless told), torch threads = all cores, greedy, ignore_eos, prompts of random token
 ids (seeded; the same requests for both). pdserve runs with prefix caching OFF: HF has
 none, and a cached prompt would shorten pdserve's prefill in the 1-token/N-token
 subtraction below.
@@ -233,6 +233,8 @@ def main() -> int:
     p.add_argument("--kv-cache-gb", type=float, default=2.0, help="pdserve KV cache")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: all cores; 1 is steadier on a CPU other jobs share)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="weights and activations of both pdserve and HF")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/out/engine_cpu.json")
     args = p.parse_args()
@@ -253,9 +255,9 @@ def main() -> int:
     model_dir = str(args.model or prepare_default_model())
     load_start = os.getloadavg()
     t0 = time.perf_counter()
-    llm = LLM(model_dir, dtype="float32", device="cpu", kv_cache_memory_gb=args.kv_cache_gb,
+    llm = LLM(model_dir, dtype=args.dtype, device="cpu", kv_cache_memory_gb=args.kv_cache_gb,
               enable_prefix_caching=False, max_num_seqs=128, seed=args.seed)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
     # warm-up: first-call costs (oneDNN primitives, allocator) are not steady state
     warm = make_requests(2, (16, 16), (4, 4), args.seed + 999)
     pd_generate(llm, warm)
@@ -263,7 +265,8 @@ def main() -> int:
 
     res: dict[str, Any] = {
         "quick": args.quick, "plan": asdict(plan), "hf_batch_sizes": hf_sizes,
-        "model": model_dir, "torch": torch.__version__, "threads": threads, "cores": cores,
+        "model": model_dir, "dtype": args.dtype, "torch": torch.__version__, "threads": threads,
+        "cores": cores,
         "cpu": platform.processor() or platform.machine(), "loadavg_start": load_start}
     res["single_stream"] = single_stream(llm, hf, plan, args.seed)
     levels = tuple(int(n) for n in args.levels.split(",")) if args.levels else plan.levels
@@ -275,7 +278,7 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     sys.stdout.write(
-        f"\nengine_cpu{' --quick' if args.quick else ''}: {Path(model_dir).name}, fp32, "
+        f"\nengine_cpu{' --quick' if args.quick else ''}: {Path(model_dir).name}, {args.dtype}, "
         f"{threads} threads, torch {torch.__version__}, {res['seconds']:.0f} s, load average "
         f"{load_start[0]:.2f} -> {res['loadavg_end'][0]:.2f} (above {cores}: the CPU was shared)\n"
         f"{detail_table(res)}\n\n{goal_table(res)}\nJSON: {args.out}\n")
