@@ -19,6 +19,7 @@ softmax on every tile. This probe times, with the inputs and timing of gpu_suite
     python benchmarks/decode_loop_probe.py --ceilings      # read-only kernels, PDL
     python benchmarks/decode_loop_probe.py --addressing    # paged vs block ids 1-2 tiles ahead vs dense
     python benchmarks/decode_loop_probe.py --ab [--shapes 128x512,64x512] [--reps 3]
+    python benchmarks/decode_loop_probe.py --pages [--shapes ...]  # the shipped kernel at pages 16-128
     TRITON_INTERPRET=1 python benchmarks/decode_loop_probe.py --check   # CPU, small shapes
 
 The answer goes into benchmarks/RESULTS.md.
@@ -59,23 +60,24 @@ def _tile(q, k_ptr, v_ptr, bt_row, n0, end, kvh, m_i, l_i, acc, scale_log2,
         blk = tl.load(bt_row + pos // PAGE).to(tl.int64)
     kv = blk * stride_cb + (pos % PAGE) * stride_cs + kvh * stride_ch
     if not TRANS:   # pdserve's own tile step
-        return ta._decode_tile(q, k_ptr, v_ptr, kv, pmask, m_i, l_i, acc, scale_log2, offs_d,
-                               offs_d < offs_d.shape[0], MASKED, False, "tf32")
-    ptr = kv[:, None] + offs_d[None, :]
-    if MASKED:
-        k = tl.load(k_ptr + ptr, mask=pmask[:, None], other=0.0)
-        v = tl.load(v_ptr + ptr, mask=pmask[:, None], other=0.0)
+        m_new, l_i, acc = ta._decode_tile(q, k_ptr, v_ptr, kv, pmask, m_i, l_i, acc, scale_log2, offs_d,
+                                          offs_d < offs_d.shape[0], MASKED, False, "tf32")
     else:
-        k = tl.load(k_ptr + ptr)
-        v = tl.load(v_ptr + ptr)
-    s = tl.dot(k, q) * scale_log2                                      # [N, G]
-    if MASKED:
-        s = tl.where(pmask[:, None], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=0))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[None, :])
-    l_i = l_i * alpha + tl.sum(p, axis=0)
-    acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype))    # [D, G]
+        ptr = kv[:, None] + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptr + ptr, mask=pmask[:, None], other=0.0)
+            v = tl.load(v_ptr + ptr, mask=pmask[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptr + ptr)
+            v = tl.load(v_ptr + ptr)
+        s = tl.dot(k, q) * scale_log2                                      # [N, G]
+        if MASKED:
+            s = tl.where(pmask[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha[None, :] + tl.dot(tl.trans(v), p.to(v.dtype))    # [D, G]
     return m_new, l_i, acc
 
 
@@ -512,6 +514,55 @@ def ab(out_path: str, reps: int, shapes: list | None = None) -> int:
     return 0
 
 
+def pages(out_path: str, reps: int, shapes: list | None = None) -> int:
+    """The shipped kernel on the same K/V paged at 16, 32, 64 and 128 positions a block
+    (random block order each), beside SDPA timed again for every page size: how much of the
+    gap to SDPA is the page size. Tiles: the shipped choice and a few fixed ones, at the
+    shipped split count and at one split."""
+    from gpu_suite_parts import paged_copy, rel_err
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    results = []
+    for c, us, ref, row in _cases(shapes or [(32, 4096), (32, 32768), (128, 4096), (128, 32768),
+                                             (128, 512), (1, 32768)], "page sizes"):
+        bs, ctx = c.bs, c.ctx
+        shipped = ta.choose_num_splits(bs, 8, ctx, c.q.device)
+        row["page_runs"] = []
+        del c.k_cache, c.v_cache
+        torch.cuda.empty_cache()
+        for page in (16, 32, 64, 128):
+            kc, vc, bt = paged_copy(c.k, c.v, gen, page)
+            configs = [(tile, sp) for tile in (None, (64, 4, 3), (128, 4, 2), (128, 4, 3))
+                       for sp in sorted({shipped, 1})]
+
+            def call(cfg, i, kc=kc, vc=vc, bt=bt):
+                tile, sp = cfg
+                return ta.decode_attention(c.q[i], kc, vc, c.seq_lens, bt[i * bs:(i + 1) * bs], c.scale,
+                                           num_splits=sp, tiles=tile)
+
+            errs = {cfg: rel_err(call(cfg, 0), ref) for cfg in configs}
+            times: dict = {cfg: [] for cfg in configs}
+            sdpa = []
+            for _ in range(reps):
+                sdpa.append(us(c.sdpa))
+                for cfg in configs:
+                    times[cfg].append(us(lambda i, cfg=cfg: call(cfg, i)))
+            med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+            s_us = med(sdpa)
+            runs = [{"tile": None if t is None else list(t), "splits": sp, "us": med(times[(t, sp)]),
+                     "err": errs[(t, sp)]} for (t, sp) in configs]
+            row["page_runs"].append({"page": page, "sdpa_us": s_us, "runs": runs})
+            best = min(runs, key=lambda r: r["us"])
+            dflt = next(r for r in runs if r["tile"] is None and r["splits"] == shipped)
+            print(f"bs {bs:4d} ctx {ctx:6d} page {page:3d}: SDPA {s_us:8.1f} us | shipped "
+                  f"{s_us / dflt['us']:.3f}x | best {s_us / best['us']:.3f}x tile {best['tile']} "
+                  f"splits {best['splits']} | max err {max(r['err'] for r in runs):.1e}", flush=True)
+            del kc, vc, bt
+            torch.cuda.empty_cache()
+        results.append(row)
+        _save(out_path, results)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="")
@@ -524,8 +575,10 @@ def main() -> int:
     ap.add_argument("--ab", action="store_true",
                     help="masked loop vs unmasked vs the shipped kernel (block ids a tile ahead), "
                          "interleaved repeats")
+    ap.add_argument("--pages", action="store_true",
+                    help="the shipped kernel on K/V paged at 16, 32, 64 and 128 positions a block")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--shapes", default="", help="--ab only: BATCHxCONTEXT,... (default: the goal's and bs 1/8)")
+    ap.add_argument("--shapes", default="", help="--ab, --pages: BATCHxCONTEXT,... (default: the goal's and bs 1/8)")
     args = ap.parse_args()
     if args.check or os.environ.get("TRITON_INTERPRET") == "1":
         return check()
@@ -533,9 +586,11 @@ def main() -> int:
         return ceilings(args.out)
     if args.addressing:
         return addressing(args.out)
+    shapes = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")] if args.shapes else None
     if args.ab:
-        shapes = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")] if args.shapes else None
         return ab(args.out, args.reps, shapes)
+    if args.pages:
+        return pages(args.out, args.reps, shapes)
     from gpu_suite_parts import rel_err
     modes = [(t, u) for t in (False, True) for u in (False, True)]
     tiles = list(itertools.product((64, 128), (4, 8), (2, 3, 4)))

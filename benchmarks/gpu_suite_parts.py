@@ -179,21 +179,21 @@ def part_ceilings(s: Any) -> dict:
 
 
 # -- b, c. attention kernels -----------------------------------------------------------------
-def paged_copy(k: torch.Tensor, v: torch.Tensor, gen: torch.Generator
+def paged_copy(k: torch.Tensor, v: torch.Tensor, gen: torch.Generator, page: int = PAGE
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dense k, v [S, Hkv, L, D] (L a multiple of PAGE) -> paged caches
-    [S * L/PAGE, PAGE, Hkv, D] holding the same values in a random block order, and the
-    block table [S, L/PAGE] int32."""
+    """Dense k, v [S, Hkv, L, D] (L a multiple of page) -> paged caches
+    [S * L/page, page, Hkv, D] holding the same values in a random block order, and the
+    block table [S, L/page] int32."""
     s, h, length, d = k.shape
-    if length % PAGE:
-        raise ValueError(f"context {length} is not a multiple of the page size {PAGE}")
-    nb = length // PAGE
+    if length % page:
+        raise ValueError(f"context {length} is not a multiple of the page size {page}")
+    nb = length // page
     perm = torch.randperm(s * nb, device=k.device, generator=gen)
     caches = []
     for x in (k, v):
-        cache = torch.empty((s * nb, PAGE, h, d), dtype=x.dtype, device=x.device)
-        cache.index_copy_(0, perm, x.view(s, h, nb, PAGE, d).permute(0, 2, 3, 1, 4)
-                          .reshape(s * nb, PAGE, h, d))
+        cache = torch.empty((s * nb, page, h, d), dtype=x.dtype, device=x.device)
+        cache.index_copy_(0, perm, x.view(s, h, nb, page, d).permute(0, 2, 3, 1, 4)
+                          .reshape(s * nb, page, h, d))
         caches.append(cache)
     return caches[0], caches[1], perm.view(s, nb).to(torch.int32)
 

@@ -111,7 +111,7 @@ def _decode_tile(q, k_ptr, v_ptr, kv, pmask, m_i, l_i, acc, scale_log2, offs_d, 
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, seq_lens_ptr, bt_ptr, out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr,
-    scale_log2, num_splits,
+    scale_log2, num_splits, max_blocks,
     stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, stride_bt, stride_ob, stride_oh,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_G: tl.constexpr,        # G padded to a power of two >= 16 (tl.dot's minimum M)
@@ -125,7 +125,11 @@ def _decode_split_kernel(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    start, end = split_range(tl.load(seq_lens_ptr + b), split, num_splits, BLOCK_N)
+    if ONE_SPLIT:
+        start = 0
+        end = tl.load(seq_lens_ptr + b)
+    else:
+        start, end = split_range(tl.load(seq_lens_ptr + b), split, num_splits, BLOCK_N)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -143,9 +147,14 @@ def _decode_split_kernel(
     # same tiles every one masked (decode_loop_probe.py --ab; RESULTS.md, "Session 11").
     # The ragged last tile, if any, runs masked.
     # An empty split (start >= end) runs no tile and reports m = -inf, l = 0.
+    # The first tile's ids are bounded by the table's width, not by the length: with one
+    # split (start = 0) they then load beside seq_len instead of after it, and K/V wait
+    # on one load, not two. Ids past the length are never used for an address: whole
+    # tiles end at or before it and the last tile masks its loads. That chain cost 5 us
+    # of 77 at bs 128 / ctx 512 on an H200 (0.93-0.95x SDPA; RESULTS.md, "Session 12").
     full_end = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N
     pos = start + offs_n
-    blk = tl.load(bt_row + pos // PAGE, mask=pos < end, other=0)
+    blk = tl.load(bt_row + pos // PAGE, mask=pos // PAGE < max_blocks, other=0)
     for n0 in range(start, full_end, BLOCK_N):
         pos = n0 + offs_n
         kv = blk.to(tl.int64) * stride_cb + (pos % PAGE) * stride_cs + head_off
@@ -436,7 +445,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tens
     seq_lens = seq_lens.contiguous()
     _decode_split_kernel[(bsz, hkv, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_m, part_l, part_acc,
-        scale * _LOG2E, num_splits,
+        scale * _LOG2E, num_splits, block_tables.shape[1],
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=g, HEAD_DIM=d, PAGE=page, BLOCK_G=max(16, triton.next_power_of_2(g)),

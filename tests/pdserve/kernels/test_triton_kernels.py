@@ -118,6 +118,24 @@ def test_decode_shipped_tiles(tiles: tuple, num_splits: int, dtype: torch.dtype)
     torch.testing.assert_close(got, want, **TOL[dtype])
 
 
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_decode_ignores_table_past_length(num_splits: int) -> None:
+    # The first tile's block ids load bounded by the table's width, not by the length, so
+    # the ids past a sequence's blocks are read; they must never become an address. Wild
+    # ids there (int32 max) leave the output as it was.
+    c = make_case([1, 70, 128, 200], [1] * 4, page=16, hkv=1, g=4, d=64, dtype=torch.float32, seed=9)
+    m = c["meta"]
+    want = reference.decode_attention(c["q"], c["k_cache"], c["v_cache"], m.seq_lens,
+                                      m.block_tables, c["scale"])   # it gathers whole rows
+    for i, n in enumerate([1, 70, 128, 200]):
+        m.block_tables[i, -(-n // 16):] = torch.iinfo(torch.int32).max
+    for tiles in ((64, 4, None), (128, 4, 2)):
+        got = triton_attention.decode_attention(c["q"], c["k_cache"], c["v_cache"], m.seq_lens,
+                                                m.block_tables, c["scale"], num_splits=num_splits,
+                                                tiles=tiles)
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("page,g,d,dtype", CASES, ids=CASE_IDS)
 def test_prefill_parity(page: int, g: int, d: int, dtype: torch.dtype) -> None:
     # Full prefills (q_len == ctx) beside chunks over a cached prefix (q_len < ctx),
