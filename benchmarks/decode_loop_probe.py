@@ -18,7 +18,7 @@ softmax on every tile. This probe times, with the inputs and timing of gpu_suite
     python benchmarks/decode_loop_probe.py [--out OUT.json] [--quick]
     python benchmarks/decode_loop_probe.py --ceilings      # read-only kernels, PDL
     python benchmarks/decode_loop_probe.py --addressing    # paged vs block ids 1-2 tiles ahead vs dense
-    python benchmarks/decode_loop_probe.py --ab [--shapes 128x512,64x512] [--reps 3]
+    python benchmarks/decode_loop_probe.py --ab [--shapes 128x512,64x512] [--reps 3] [--splits 1,2,4] [--tiles 128x4x2]
     python benchmarks/decode_loop_probe.py --pages [--shapes ...]  # the shipped kernel at pages 16-128
     TRITON_INTERPRET=1 python benchmarks/decode_loop_probe.py --check   # CPU, small shapes
 
@@ -452,7 +452,33 @@ def addressing(out_path: str) -> int:
     return 0
 
 
-def ab(out_path: str, reps: int, shapes: list | None = None) -> int:
+def compiled_info(fn) -> list[dict]:
+    """Shared memory and registers of each compiled variant of a jit function (what bounds
+    CTAs per SM), from Triton's in-process cache; [] where this Triton keeps it elsewhere."""
+    found = []
+
+    def walk(x, depth=0):
+        if depth > 4:
+            return
+        if hasattr(x, "metadata") and hasattr(x, "n_regs"):
+            md = x.metadata
+            found.append({"shared": getattr(md, "shared", None), "n_regs": x.n_regs,
+                          "num_warps": getattr(md, "num_warps", None),
+                          "num_stages": getattr(md, "num_stages", None),
+                          "name": getattr(md, "name", "")})
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v, depth + 1)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v, depth + 1)
+    for attr in ("device_caches", "cache"):
+        walk(getattr(fn, attr, None))
+    return found
+
+
+def ab(out_path: str, reps: int, shapes: list | None = None, splits: list | None = None,
+       tiles: list | None = None) -> int:
     """The shipped kernel (block ids a tile ahead) against the same loop with every tile
     masked (the kernel before it) and unmasked without the look-ahead, over a few tiles
     and two split rules (~2 waves, as choose_num_splits, and ~1 wave), every config timed
@@ -461,8 +487,8 @@ def ab(out_path: str, reps: int, shapes: list | None = None) -> int:
     hkv = 8
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{sms} SMs, {reps} rounds", flush=True)
-    tiles = [(64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3)] if shapes is None else \
-        [(64, 4, 3), (64, 4, None), (128, 4, 2), (32, 4, 3)]
+    tiles = tiles or ([(64, 4, 3), (64, 4, 4), (128, 4, 2), (128, 4, 3)] if shapes is None else
+                      [(64, 4, 3), (64, 4, None), (128, 4, 2), (32, 4, 3)])
     results = []
     for c, us, ref, _ in _cases(shapes or [(32, 4096), (32, 32768), (128, 4096), (128, 32768), (8, 4096),
                                            (1, 32768)], "A/B"):
@@ -470,7 +496,7 @@ def ab(out_path: str, reps: int, shapes: list | None = None) -> int:
         two = ta.choose_num_splits(bs, hkv, ctx, c.q.device)
         one = max(1, min(triton.cdiv(sms, bs * hkv), triton.cdiv(ctx, 128), 64))
         configs = []
-        for (bn, w, st), sp in itertools.product(tiles, sorted({one, two})):
+        for (bn, w, st), sp in itertools.product(tiles, sorted(set(splits or ()) | {one, two})):
             configs.append(("masked", bn, w, st, sp))
             configs.append(("unmasked", bn, w, st, sp))
             configs.append(("ahead", bn, w, st, sp))
@@ -511,6 +537,11 @@ def ab(out_path: str, reps: int, shapes: list | None = None) -> int:
         print(f"     shipped defaults {default['us']:8.1f} us ({s_us / default['us']:.3f}x), "
               f"max err {max(r['err'] for r in rows):.1e}", flush=True)
         _save(out_path, results)
+    info = compiled_info(ta._decode_split_kernel)
+    for i in info:
+        print("compiled decode kernel:", i, flush=True)
+    results.append({"compiled": info})
+    _save(out_path, results)
     return 0
 
 
@@ -578,6 +609,8 @@ def main() -> int:
     ap.add_argument("--pages", action="store_true",
                     help="the shipped kernel on K/V paged at 16, 32, 64 and 128 positions a block")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--splits", default="", help="--ab only: split counts to add, e.g. 1,2,4,8")
+    ap.add_argument("--tiles", default="", help="--ab only: BLOCK_NxWARPSxSTAGES,... (e.g. 128x4x2)")
     ap.add_argument("--shapes", default="", help="--ab, --pages: BATCHxCONTEXT,... (default: the goal's and bs 1/8)")
     args = ap.parse_args()
     if args.check or os.environ.get("TRITON_INTERPRET") == "1":
@@ -588,7 +621,9 @@ def main() -> int:
         return addressing(args.out)
     shapes = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")] if args.shapes else None
     if args.ab:
-        return ab(args.out, args.reps, shapes)
+        return ab(args.out, args.reps, shapes,
+                  [int(x) for x in args.splits.split(",")] if args.splits else None,
+                  [tuple(int(y) for y in t.split("x")) for t in args.tiles.split(",")] if args.tiles else None)
     if args.pages:
         return pages(args.out, args.reps, shapes)
     from gpu_suite_parts import rel_err
