@@ -19,7 +19,7 @@ softmax on every tile. This probe times, with the inputs and timing of gpu_suite
     python benchmarks/decode_loop_probe.py --ceilings      # read-only kernels, PDL
     python benchmarks/decode_loop_probe.py --addressing    # paged vs block ids 1-2 tiles ahead vs dense
     python benchmarks/decode_loop_probe.py --ab [--shapes 128x512,64x512] [--reps 3] [--splits 1,2,4] [--tiles 128x4x2]
-    python benchmarks/decode_loop_probe.py --pages [--shapes ...]  # the shipped kernel at pages 16-128
+    python benchmarks/decode_loop_probe.py --pages [--shapes ...] [--head-major]  # pages 16-128
     TRITON_INTERPRET=1 python benchmarks/decode_loop_probe.py --check   # CPU, small shapes
 
 The answer goes into benchmarks/RESULTS.md.
@@ -545,11 +545,13 @@ def ab(out_path: str, reps: int, shapes: list | None = None, splits: list | None
     return 0
 
 
-def pages(out_path: str, reps: int, shapes: list | None = None) -> int:
+def pages(out_path: str, reps: int, shapes: list | None = None, head_major: bool = False) -> int:
     """The shipped kernel on the same K/V paged at 16, 32, 64 and 128 positions a block
     (random block order each), beside SDPA timed again for every page size: how much of the
     gap to SDPA is the page size. Tiles: the shipped choice and a few fixed ones, at the
-    shipped split count and at one split."""
+    shipped split count and at one split. head_major: each block stored [Hkv, page, D]
+    (passed to the kernel as a permuted view, so only the strides change), which at page
+    128 makes a tile of one kv head one contiguous 32 KiB run, as in SDPA's K/V."""
     from gpu_suite_parts import paged_copy, rel_err
     gen = torch.Generator(device="cuda").manual_seed(1)
     results = []
@@ -562,6 +564,9 @@ def pages(out_path: str, reps: int, shapes: list | None = None) -> int:
         torch.cuda.empty_cache()
         for page in (16, 32, 64, 128):
             kc, vc, bt = paged_copy(c.k, c.v, gen, page)
+            if head_major:
+                kc = kc.transpose(1, 2).contiguous().transpose(1, 2)
+                vc = vc.transpose(1, 2).contiguous().transpose(1, 2)
             configs = [(tile, sp) for tile in (None, (64, 4, 3), (128, 4, 2), (128, 4, 3))
                        for sp in sorted({shipped, 1})]
 
@@ -608,6 +613,7 @@ def main() -> int:
                          "interleaved repeats")
     ap.add_argument("--pages", action="store_true",
                     help="the shipped kernel on K/V paged at 16, 32, 64 and 128 positions a block")
+    ap.add_argument("--head-major", action="store_true", help="--pages only: blocks stored [Hkv, page, D]")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--splits", default="", help="--ab only: split counts to add, e.g. 1,2,4,8")
     ap.add_argument("--tiles", default="", help="--ab only: BLOCK_NxWARPSxSTAGES,... (e.g. 128x4x2)")
@@ -625,7 +631,7 @@ def main() -> int:
                   [int(x) for x in args.splits.split(",")] if args.splits else None,
                   [tuple(int(y) for y in t.split("x")) for t in args.tiles.split(",")] if args.tiles else None)
     if args.pages:
-        return pages(args.out, args.reps, shapes)
+        return pages(args.out, args.reps, shapes, args.head_major)
     from gpu_suite_parts import rel_err
     modes = [(t, u) for t in (False, True) for u in (False, True)]
     tiles = list(itertools.product((64, 128), (4, 8), (2, 3, 4)))
