@@ -477,13 +477,30 @@ def compiled_info(fn) -> list[dict]:
     return found
 
 
+def _median(xs: list) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def _interleaved(configs: list, call, us, sdpa, ref, reps: int) -> tuple[dict, dict, list]:
+    """Each config's error against ref, then `reps` rounds timing SDPA and every config in
+    turn, so that drift hits all alike: (errs, times per config, SDPA times)."""
+    from gpu_suite_parts import rel_err
+    errs = {cfg: rel_err(call(cfg, 0), ref) for cfg in configs}
+    times: dict = {cfg: [] for cfg in configs}
+    sdpa_us = []
+    for _ in range(reps):
+        sdpa_us.append(us(sdpa))
+        for cfg in configs:
+            times[cfg].append(us(lambda i, cfg=cfg: call(cfg, i)))
+    return errs, times, sdpa_us
+
+
 def ab(out_path: str, reps: int, shapes: list | None = None, splits: list | None = None,
        tiles: list | None = None) -> int:
     """The shipped kernel (block ids a tile ahead) against the same loop with every tile
     masked (the kernel before it) and unmasked without the look-ahead, over a few tiles
     and two split rules (~2 waves, as choose_num_splits, and ~1 wave), every config timed
     `reps` times in interleaved rounds so that drift hits all variants alike."""
-    from gpu_suite_parts import rel_err
     hkv = 8
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{sms} SMs, {reps} rounds", flush=True)
@@ -510,14 +527,8 @@ def ab(out_path: str, reps: int, shapes: list | None = None, splits: list | None
             return loop_decode(c.q[i], c.k_cache, c.v_cache, c.seq_lens, c.tables(i), c.scale, sp,
                                False, kind == "unmasked", bn, w, st)
 
-        errs = {cfg: rel_err(call(cfg, 0), ref) for cfg in configs}
-        times: dict = {cfg: [] for cfg in configs}
-        sdpa = []
-        for _ in range(reps):
-            sdpa.append(us(c.sdpa))
-            for cfg in configs:
-                times[cfg].append(us(lambda i, cfg=cfg: call(cfg, i)))
-        med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+        errs, times, sdpa = _interleaved(configs, call, us, c.sdpa, ref, reps)
+        med = _median
         s_us = med(sdpa)
         rows = [{"kind": k, "tile": None if bn is None else [bn, w, st], "splits": sp,
                  "us": med(times[(k, bn, w, st, sp)]), "all_us": times[(k, bn, w, st, sp)],
@@ -552,7 +563,7 @@ def pages(out_path: str, reps: int, shapes: list | None = None, head_major: bool
     shipped split count and at one split. head_major: each block stored [Hkv, page, D]
     (passed to the kernel as a permuted view, so only the strides change), which at page
     128 makes a tile of one kv head one contiguous 32 KiB run, as in SDPA's K/V."""
-    from gpu_suite_parts import paged_copy, rel_err
+    from gpu_suite_parts import paged_copy
     gen = torch.Generator(device="cuda").manual_seed(1)
     results = []
     for c, us, ref, row in _cases(shapes or [(32, 4096), (32, 32768), (128, 4096), (128, 32768),
@@ -575,14 +586,8 @@ def pages(out_path: str, reps: int, shapes: list | None = None, head_major: bool
                 return ta.decode_attention(c.q[i], kc, vc, c.seq_lens, bt[i * bs:(i + 1) * bs], c.scale,
                                            num_splits=sp, tiles=tile)
 
-            errs = {cfg: rel_err(call(cfg, 0), ref) for cfg in configs}
-            times: dict = {cfg: [] for cfg in configs}
-            sdpa = []
-            for _ in range(reps):
-                sdpa.append(us(c.sdpa))
-                for cfg in configs:
-                    times[cfg].append(us(lambda i, cfg=cfg: call(cfg, i)))
-            med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+            errs, times, sdpa = _interleaved(configs, call, us, c.sdpa, ref, reps)
+            med = _median
             s_us = med(sdpa)
             runs = [{"tile": None if t is None else list(t), "splits": sp, "us": med(times[(t, sp)]),
                      "err": errs[(t, sp)]} for (t, sp) in configs]
