@@ -45,7 +45,8 @@ VARS: dict[str, _Var] = {
              "where prepare-default-model writes the converted model"),
         _Var("PDSERVE_MODEL", "", str, "model directory used when --model is not given"),
         _Var("PDSERVE_ATTENTION_BACKEND", "auto", str,
-             "auto | torch | triton: attention/KV kernels (auto: triton on CUDA, torch on CPU)"),
+             "auto | torch | cpu | triton: attention/KV kernels (auto: triton on CUDA; on CPU, "
+             "cpu where a C compiler builds its kernel, else torch)"),
         _Var("PDSERVE_NO_PROGRESS", False, _bool, "hide progress bars"),
         _Var("PDSERVE_LOG_LEVEL", "INFO", str, "logging level for pdserve loggers"),
         _Var("PDSERVE_ENFORCE_EAGER", False, _bool, "never capture CUDA graphs"),

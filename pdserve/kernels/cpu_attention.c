@@ -1,0 +1,261 @@
+/* pdserve CPU paged attention: one fused pass over the paged KV cache.
+ *
+ * Built at first use by pdserve/kernels/cpu_attention.py (gcc -O3 -march=native
+ * -fopenmp) and called through ctypes with raw pointers and strides; no torch headers.
+ *
+ * One call covers a whole step: every sequence's new tokens (decode rows and prefill
+ * chunks alike) attend to their context in the paged cache, causally. Work items are
+ * (sequence, kv head, a few query rows); each reads its context's K / V rows once, tile by
+ * tile, converts them to fp32 in a small buffer, and runs an online softmax (exp2, the
+ * query prescaled by scale * log2 e) over the tile for every query head of the GQA group
+ * and every row of the item. There is no gathered copy of the context and no padding.
+ *
+ * Layouts (strides in elements, the last dimension contiguous):
+ *   q, out:  [T, Hq, D]                          (token stride, head stride)
+ *   k, v:    [num_blocks, block_size, Hkv, D]    (block, token and head strides: any order)
+ *   block_tables [num_seqs, bt_stride] int32; query_start_loc [num_seqs + 1] int32;
+ *   seq_lens [num_seqs] int32. New token j of sequence i (0-based among its query_len
+ *   tokens) sees context positions [0, seq_len - query_len + j].
+ * dtypes: 0 float32, 1 bfloat16, 2 float16. A sequence of length 0 gets zeros.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#define TILE 16          /* context positions per softmax step (one 16-lane vector) */
+#define MAX_VECS 32      /* query vectors (rows x group heads) per work item */
+#define MAX_D 256
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);   /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+/* Load n (a multiple of 16) elements of dtype dt into fp32 dst. */
+static inline void load_row(float *dst, const void *src, int n, int dt) {
+    if (dt == F32) {
+        memcpy(dst, src, (size_t)n * 4);
+    } else if (dt == BF16) {
+        const uint16_t *s = (const uint16_t *)src;
+#if defined(__AVX512F__)
+        for (int i = 0; i < n; i += 16) {
+            __m256i h = _mm256_loadu_si256((const __m256i *)(s + i));
+            __m512i w = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+            _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(w));
+        }
+#else
+        for (int i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
+#endif
+    } else {
+        const _Float16 *s = (const _Float16 *)src;
+#if defined(__AVX512F__)
+        for (int i = 0; i < n; i += 16)
+            _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + i))));
+#else
+        for (int i = 0; i < n; i++) dst[i] = (float)s[i];
+#endif
+    }
+}
+
+static inline void store_row(void *dst, const float *src, int n, int dt) {
+    if (dt == F32) {
+        memcpy(dst, src, (size_t)n * 4);
+    } else if (dt == BF16) {
+        uint16_t *d = (uint16_t *)dst;
+        for (int i = 0; i < n; i++) d[i] = f32_to_bf16(src[i]);
+    } else {
+        _Float16 *d = (_Float16 *)dst;
+        for (int i = 0; i < n; i++) d[i] = (_Float16)src[i];
+    }
+}
+
+static inline float dot(const float *a, const float *b, int n) {
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
+    for (int i = 16; i < n; i += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    return _mm512_reduce_add_ps(acc);
+#else
+    float s = 0.f;
+    for (int i = 0; i < n; i++) s += a[i] * b[i];
+    return s;
+#endif
+}
+
+/* 2^x for 16 lanes; lanes below -126 (masked scores are -inf) give exactly 0. */
+static inline void exp2_16(float *x) {
+#if defined(__AVX512F__)
+    __m512 v = _mm512_loadu_ps(x);
+    __mmask16 live = _mm512_cmp_ps_mask(v, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
+    v = _mm512_max_ps(v, _mm512_set1_ps(-126.f));
+    __m512 n = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_mul_ps(_mm512_sub_ps(v, n), _mm512_set1_ps(0.69314718056f)); /* |f| <= ln2/2 */
+    /* e^f, Taylor to degree 7: relative error < 1e-8 on |f| <= 0.347 */
+    __m512 p = _mm512_set1_ps(1.f / 5040.f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 720.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    _mm512_storeu_ps(x, _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n)));
+#else
+    for (int i = 0; i < 16; i++) x[i] = x[i] < -126.f ? 0.f : exp2f(x[i]);
+#endif
+}
+
+static inline void axpy(float *y, float a, const float *x, int n) {
+#if defined(__AVX512F__)
+    __m512 va = _mm512_set1_ps(a);
+    for (int i = 0; i < n; i += 16)
+        _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+#else
+    for (int i = 0; i < n; i++) y[i] += a * x[i];
+#endif
+}
+
+static inline void scale_row(float *y, float a, int n) {
+    for (int i = 0; i < n; i++) y[i] *= a;
+}
+
+typedef struct {
+    int seq, head, row0, nrows;
+    int64_t cost;
+} Item;
+
+static int by_cost_desc(const void *a, const void *b) {
+    int64_t x = ((const Item *)a)->cost, y = ((const Item *)b)->cost;
+    return (x < y) - (x > y);
+}
+
+typedef struct {
+    const char *q; int64_t q_ts, q_hs; int q_dt;
+    char *out; int64_t o_ts, o_hs;
+    const char *k, *v; int64_t kv_bs, kv_ts, kv_hs; int kv_dt;
+    const int32_t *bt; int64_t bt_stride;
+    const int32_t *qsl, *slen;
+    int hq, hkv, d, block_size;
+    float qscale;
+} Args;
+
+static void run_item(const Args *a, const Item *it) {
+    const int d = a->d, g = a->hq / a->hkv, nv = it->nrows * g;
+    const int qlen = a->qsl[it->seq + 1] - a->qsl[it->seq];
+    const int ctx = a->slen[it->seq];
+    const int qsz = a->q_dt == F32 ? 4 : 2, kvsz = a->kv_dt == F32 ? 4 : 2;
+    float qv[MAX_VECS][MAX_D], acc[MAX_VECS][MAX_D];
+    float m[MAX_VECS], l[MAX_VECS], s[MAX_VECS][TILE];
+    float kb[TILE][MAX_D], vb[TILE][MAX_D];
+    int lim[MAX_VECS];   /* positions [0, lim) visible to each query vector */
+    for (int r = 0; r < it->nrows; r++) {
+        const int tok = a->qsl[it->seq] + it->row0 + r;
+        for (int j = 0; j < g; j++) {
+            const int h = it->head * g + j, x = r * g + j;
+            load_row(qv[x], a->q + (tok * a->q_ts + h * a->q_hs) * qsz, d, a->q_dt);
+            scale_row(qv[x], a->qscale, d);
+            memset(acc[x], 0, (size_t)d * 4);
+            m[x] = -INFINITY;
+            l[x] = 0.f;
+            lim[x] = ctx - qlen + it->row0 + r + 1;
+        }
+    }
+    const int end = lim[nv - 1];
+    const int32_t *table = a->bt + (int64_t)it->seq * a->bt_stride;
+    const int64_t hoff = (int64_t)it->head * a->kv_hs;
+    for (int t0 = 0; t0 < end; t0 += TILE) {
+        const int n = end - t0 < TILE ? end - t0 : TILE;
+        for (int t = 0; t < n; t++) {
+            const int pos = t0 + t;
+            const int64_t off = (int64_t)table[pos / a->block_size] * a->kv_bs
+                                + (int64_t)(pos % a->block_size) * a->kv_ts + hoff;
+            load_row(kb[t], a->k + off * kvsz, d, a->kv_dt);
+            load_row(vb[t], a->v + off * kvsz, d, a->kv_dt);
+        }
+        for (int x = 0; x < nv; x++) {
+            const int visible = lim[x] - t0 < n ? lim[x] - t0 : n;
+            if (visible <= 0) continue;
+            float mt = -INFINITY;
+            for (int t = 0; t < TILE; t++) {
+                s[x][t] = t < visible ? dot(qv[x], kb[t], d) : -INFINITY;
+                if (s[x][t] > mt) mt = s[x][t];
+            }
+            const float mn = mt > m[x] ? mt : m[x];
+            for (int t = 0; t < TILE; t++) s[x][t] -= mn;
+            exp2_16(s[x]);
+            float sum = 0.f;
+            for (int t = 0; t < TILE; t++) sum += s[x][t];
+            if (mn != m[x]) {
+                float alpha = m[x] == -INFINITY ? 0.f : exp2f(m[x] - mn);
+                scale_row(acc[x], alpha, d);
+                l[x] *= alpha;
+                m[x] = mn;
+            }
+            l[x] += sum;
+            for (int t = 0; t < visible; t++) axpy(acc[x], s[x][t], vb[t], d);
+        }
+    }
+    for (int r = 0; r < it->nrows; r++) {
+        const int tok = a->qsl[it->seq] + it->row0 + r;
+        for (int j = 0; j < g; j++) {
+            const int h = it->head * g + j, x = r * g + j;
+            if (l[x] > 0.f) scale_row(acc[x], 1.f / l[x], d);
+            else memset(acc[x], 0, (size_t)d * 4);
+            store_row(a->out + (tok * a->o_ts + h * a->o_hs) * qsz, acc[x], d, a->q_dt);
+        }
+    }
+}
+
+/* Returns 0, or -1 for shapes this kernel does not take (the caller falls back). */
+int pd_paged_attention(const void *q, int64_t q_ts, int64_t q_hs, int q_dt,
+                       void *out, int64_t o_ts, int64_t o_hs,
+                       const void *k, const void *v, int64_t kv_bs, int64_t kv_ts, int64_t kv_hs,
+                       int kv_dt, const int32_t *block_tables, int64_t bt_stride,
+                       const int32_t *query_start_loc, const int32_t *seq_lens, int num_seqs,
+                       int hq, int hkv, int d, int block_size, float scale, int nthreads) {
+    if (d % 16 || d > MAX_D || hkv <= 0 || hq % hkv || hq / hkv > MAX_VECS || block_size <= 0)
+        return -1;
+    const int g = hq / hkv, rows_per_item = MAX_VECS / g;
+    int64_t count = 0;
+    for (int i = 0; i < num_seqs; i++) {
+        const int n = query_start_loc[i + 1] - query_start_loc[i];
+        count += (int64_t)hkv * ((n + rows_per_item - 1) / rows_per_item);
+    }
+    Item *items = (Item *)malloc((size_t)(count ? count : 1) * sizeof(Item));
+    if (!items) return -2;
+    int64_t c = 0;
+    for (int i = 0; i < num_seqs; i++) {
+        const int n = query_start_loc[i + 1] - query_start_loc[i];
+        for (int r0 = 0; r0 < n; r0 += rows_per_item) {
+            const int nr = n - r0 < rows_per_item ? n - r0 : rows_per_item;
+            const int64_t cost = (int64_t)nr * (seq_lens[i] - n + r0 + nr) + 64;
+            for (int h = 0; h < hkv; h++) items[c++] = (Item){i, h, r0, nr, cost};
+        }
+    }
+    qsort(items, (size_t)count, sizeof(Item), by_cost_desc);
+    const Args a = {(const char *)q, q_ts, q_hs, q_dt, (char *)out, o_ts, o_hs,
+                    (const char *)k, (const char *)v, kv_bs, kv_ts, kv_hs, kv_dt,
+                    block_tables, bt_stride, query_start_loc, seq_lens,
+                    hq, hkv, d, block_size, scale * 1.4426950408889634f};
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if(count > 1)
+    for (int64_t i = 0; i < count; i++) run_item(&a, &items[i]);
+    free(items);
+    return 0;
+}
