@@ -30,6 +30,7 @@
 #define TILE 16          /* context positions per softmax step (one 16-lane vector) */
 #define MAX_VECS 32      /* query vectors (rows x group heads) per work item */
 #define MAX_D 256
+#define LANE_MIN_ROWS 2  /* sequences with this many new tokens run query vectors as lanes */
 
 enum { F32 = 0, BF16 = 1, F16 = 2 };
 
@@ -138,6 +139,7 @@ static inline void scale_row(float *y, float a, int n) {
 
 typedef struct {
     int seq, head, row0, nrows;
+    int lanes;            /* run by run_item_lanes */
     int64_t cost;
 } Item;
 
@@ -223,6 +225,107 @@ static void run_item(const Args *a, const Item *it) {
     }
 }
 
+
+#if defined(__AVX512F__)
+#define LANES 16
+/* Prefill rows: the item's query vectors (rows x group heads, at most 16) are the 16 lanes
+ * of every vector, so QK^T, the online softmax and PV all run across query vectors with
+ * no horizontal sums: for each tile of 16 positions, s[t] = sum_d K[t][d] * Qt[d] (one
+ * broadcast FMA a position and dimension), p[t] = exp2(s[t] - m), accT[d] += p[t] * V[t][d].
+ * Qt and accT are [D][16]: transposed once per item, not per tile. */
+static void run_item_lanes(const Args *a, const Item *it) {
+    const int d = a->d, g = a->hq / a->hkv, nv = it->nrows * g;
+    const int qlen = a->qsl[it->seq + 1] - a->qsl[it->seq];
+    const int ctx = a->slen[it->seq];
+    const int qsz = a->q_dt == F32 ? 4 : 2, kvsz = a->kv_dt == F32 ? 4 : 2;
+    float qrow[MAX_D] __attribute__((aligned(64)));
+    float qt[MAX_D][LANES] __attribute__((aligned(64)));
+    float acct[MAX_D][LANES] __attribute__((aligned(64)));
+    float kb[TILE][MAX_D] __attribute__((aligned(64)));
+    float vb[TILE][MAX_D] __attribute__((aligned(64)));
+    int32_t limv[LANES] __attribute__((aligned(64)));
+    memset(qt, 0, sizeof(float) * LANES * d);
+    memset(acct, 0, sizeof(float) * LANES * d);
+    for (int x = 0; x < LANES; x++) limv[x] = 0;
+    for (int r = 0; r < it->nrows; r++) {
+        const int tok = a->qsl[it->seq] + it->row0 + r;
+        for (int j = 0; j < g; j++) {
+            const int h = it->head * g + j, x = r * g + j;
+            load_row(qrow, a->q + (tok * a->q_ts + h * a->q_hs) * qsz, d, a->q_dt);
+            for (int c = 0; c < d; c++) qt[c][x] = qrow[c] * a->qscale;
+            limv[x] = ctx - qlen + it->row0 + r + 1;
+        }
+    }
+    const int end = limv[nv - 1];
+    const __m512i lim = _mm512_load_si512(limv);
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    __m512 m = ninf, l = _mm512_setzero_ps();
+    const int32_t *table = a->bt + (int64_t)it->seq * a->bt_stride;
+    const int64_t hoff = (int64_t)it->head * a->kv_hs;
+    for (int t0 = 0; t0 < end; t0 += TILE) {
+        const int n = end - t0 < TILE ? end - t0 : TILE;
+        for (int t = 0; t < n; t++) {
+            const int pos = t0 + t;
+            const int64_t off = (int64_t)table[pos / a->block_size] * a->kv_bs
+                                + (int64_t)(pos % a->block_size) * a->kv_ts + hoff;
+            load_row(kb[t], a->k + off * kvsz, d, a->kv_dt);
+            load_row(vb[t], a->v + off * kvsz, d, a->kv_dt);
+        }
+        for (int t = n; t < TILE; t++) {   /* finite padding: its weights are 0 */
+            memset(kb[t], 0, (size_t)d * 4);
+            memset(vb[t], 0, (size_t)d * 4);
+        }
+        __m512 s[TILE];
+        for (int t = 0; t < TILE; t++) s[t] = _mm512_setzero_ps();
+        for (int c = 0; c < d; c++) {
+            const __m512 qc = _mm512_load_ps(qt[c]);
+            for (int t = 0; t < TILE; t++)
+                s[t] = _mm512_fmadd_ps(_mm512_set1_ps(kb[t][c]), qc, s[t]);
+        }
+        __m512 mt = ninf;
+        for (int t = 0; t < TILE; t++) {
+            const __mmask16 vis = _mm512_cmpgt_epi32_mask(lim, _mm512_set1_epi32(t0 + t));
+            s[t] = _mm512_mask_mov_ps(ninf, vis, s[t]);
+            mt = _mm512_max_ps(mt, s[t]);
+        }
+        const __m512 mn = _mm512_max_ps(m, mt);
+        /* lanes that see nothing yet keep m = -inf; exp2 against 0 gives them p = 0 */
+        const __m512 base = _mm512_mask_mov_ps(mn, _mm512_cmp_ps_mask(mn, ninf, _CMP_EQ_OQ),
+                                               _mm512_setzero_ps());
+        float buf[LANES] __attribute__((aligned(64)));
+        _mm512_store_ps(buf, _mm512_sub_ps(m, base));
+        exp2_16(buf);
+        const __m512 alpha = _mm512_load_ps(buf);
+        __m512 sum = _mm512_setzero_ps();
+        for (int t = 0; t < TILE; t++) {
+            _mm512_store_ps(buf, _mm512_sub_ps(s[t], base));
+            exp2_16(buf);
+            s[t] = _mm512_load_ps(buf);
+            sum = _mm512_add_ps(sum, s[t]);
+        }
+        l = _mm512_fmadd_ps(l, alpha, sum);
+        m = mn;
+        for (int c = 0; c < d; c++) {
+            __m512 acc = _mm512_mul_ps(_mm512_load_ps(acct[c]), alpha);
+            for (int t = 0; t < TILE; t++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(vb[t][c]), s[t], acc);
+            _mm512_store_ps(acct[c], acc);
+        }
+    }
+    float lv[LANES] __attribute__((aligned(64)));
+    _mm512_store_ps(lv, l);
+    for (int r = 0; r < it->nrows; r++) {
+        const int tok = a->qsl[it->seq] + it->row0 + r;
+        for (int j = 0; j < g; j++) {
+            const int h = it->head * g + j, x = r * g + j;
+            const float inv = lv[x] > 0.f ? 1.f / lv[x] : 0.f;
+            for (int c = 0; c < d; c++) qrow[c] = acct[c][x] * inv;
+            store_row(a->out + (tok * a->o_ts + h * a->o_hs) * qsz, qrow, d, a->q_dt);
+        }
+    }
+}
+#endif
+
 /* Returns 0, or -1 for shapes this kernel does not take (the caller falls back). */
 int pd_paged_attention(const void *q, int64_t q_ts, int64_t q_hs, int q_dt,
                        void *out, int64_t o_ts, int64_t o_hs,
@@ -232,21 +335,29 @@ int pd_paged_attention(const void *q, int64_t q_ts, int64_t q_hs, int q_dt,
                        int hq, int hkv, int d, int block_size, float scale, int nthreads) {
     if (d % 16 || d > MAX_D || hkv <= 0 || hq % hkv || hq / hkv > MAX_VECS || block_size <= 0)
         return -1;
-    const int g = hq / hkv, rows_per_item = MAX_VECS / g;
+    const int g = hq / hkv;
+#if defined(__AVX512F__)
+    const int lane_rows = g <= LANES ? LANES / g : 0;
+#else
+    const int lane_rows = 0;
+#endif
     int64_t count = 0;
     for (int i = 0; i < num_seqs; i++) {
         const int n = query_start_loc[i + 1] - query_start_loc[i];
-        count += (int64_t)hkv * ((n + rows_per_item - 1) / rows_per_item);
+        const int per = n >= LANE_MIN_ROWS && lane_rows ? lane_rows : MAX_VECS / g;
+        count += (int64_t)hkv * ((n + per - 1) / per);
     }
     Item *items = (Item *)malloc((size_t)(count ? count : 1) * sizeof(Item));
     if (!items) return -2;
     int64_t c = 0;
     for (int i = 0; i < num_seqs; i++) {
         const int n = query_start_loc[i + 1] - query_start_loc[i];
-        for (int r0 = 0; r0 < n; r0 += rows_per_item) {
-            const int nr = n - r0 < rows_per_item ? n - r0 : rows_per_item;
-            const int64_t cost = (int64_t)nr * (seq_lens[i] - n + r0 + nr) + 64;
-            for (int h = 0; h < hkv; h++) items[c++] = (Item){i, h, r0, nr, cost};
+        const int lanes = n >= LANE_MIN_ROWS && lane_rows;
+        const int per = lanes ? lane_rows : MAX_VECS / g;
+        for (int r0 = 0; r0 < n; r0 += per) {
+            const int nr = n - r0 < per ? n - r0 : per;
+            const int64_t cost = (int64_t)(lanes ? 1 : nr) * (seq_lens[i] - n + r0 + nr) + 64;
+            for (int h = 0; h < hkv; h++) items[c++] = (Item){i, h, r0, nr, lanes, cost};
         }
     }
     qsort(items, (size_t)count, sizeof(Item), by_cost_desc);
@@ -255,7 +366,12 @@ int pd_paged_attention(const void *q, int64_t q_ts, int64_t q_hs, int q_dt,
                     block_tables, bt_stride, query_start_loc, seq_lens,
                     hq, hkv, d, block_size, scale * 1.4426950408889634f};
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if(count > 1)
-    for (int64_t i = 0; i < count; i++) run_item(&a, &items[i]);
+    for (int64_t i = 0; i < count; i++) {
+#if defined(__AVX512F__)
+        if (items[i].lanes) { run_item_lanes(&a, &items[i]); continue; }
+#endif
+        run_item(&a, &items[i]);
+    }
     free(items);
     return 0;
 }
