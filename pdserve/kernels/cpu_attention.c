@@ -227,6 +227,126 @@ static void run_item(const Args *a, const Item *it) {
 
 
 #if defined(__AVX512F__)
+static inline __m512 exp2_v(__m512 v) {
+    float buf[16] __attribute__((aligned(64)));
+    _mm512_store_ps(buf, v);
+    exp2_16(buf);
+    return _mm512_load_ps(buf);
+}
+
+/* Lanes 0-7: pairwise sums of a's lanes; 8-15: of b's. Applied as a tree, 16 vectors
+ * become one whose lane t is the sum of vector t (15 combines, no horizontal sums). */
+static inline __m512 combine(__m512 a, __m512 b) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    return _mm512_add_ps(_mm512_permutex2var_ps(a, even, b), _mm512_permutex2var_ps(a, odd, b));
+}
+
+static inline __m512 sums16(__m512 *v) {
+    for (int i = 0; i < 8; i++) v[i] = combine(v[2 * i], v[2 * i + 1]);
+    for (int i = 0; i < 4; i++) v[i] = combine(v[2 * i], v[2 * i + 1]);
+    for (int i = 0; i < 2; i++) v[i] = combine(v[2 * i], v[2 * i + 1]);
+    return combine(v[0], v[1]);
+}
+
+/* Decode rows (few query vectors an item): positions are the lanes. For each query
+ * vector, the 16 dot products of a tile come out of one sums16, then one vector exp2;
+ * PV accumulates in registers, one 16-wide slice of D at a time. d is a compile-time
+ * constant in each caller (run_item_vec_d64 / _d128), so the D loops unroll. */
+static inline __attribute__((always_inline)) void vec_item(const Args *a, const Item *it,
+                                                           const int d) {
+    const int g = a->hq / a->hkv, nv = it->nrows * g, nc = d / 16;
+    const int qlen = a->qsl[it->seq + 1] - a->qsl[it->seq];
+    const int ctx = a->slen[it->seq];
+    const int qsz = a->q_dt == F32 ? 4 : 2, kvsz = a->kv_dt == F32 ? 4 : 2;
+    float qv[MAX_VECS][MAX_D] __attribute__((aligned(64)));
+    float acc[MAX_VECS][MAX_D] __attribute__((aligned(64)));
+    float pb[MAX_VECS][TILE] __attribute__((aligned(64)));
+    float kb[TILE][MAX_D] __attribute__((aligned(64)));
+    float vb[TILE][MAX_D] __attribute__((aligned(64)));
+    float m[MAX_VECS], l[MAX_VECS];
+    int lim[MAX_VECS];
+    for (int r = 0; r < it->nrows; r++) {
+        const int tok = a->qsl[it->seq] + it->row0 + r;
+        for (int j = 0; j < g; j++) {
+            const int h = it->head * g + j, x = r * g + j;
+            load_row(qv[x], a->q + (tok * a->q_ts + h * a->q_hs) * qsz, d, a->q_dt);
+            scale_row(qv[x], a->qscale, d);
+            memset(acc[x], 0, (size_t)d * 4);
+            m[x] = -INFINITY;
+            l[x] = 0.f;
+            lim[x] = ctx - qlen + it->row0 + r + 1;
+        }
+    }
+    const int end = lim[nv - 1];
+    const int32_t *table = a->bt + (int64_t)it->seq * a->bt_stride;
+    const int64_t hoff = (int64_t)it->head * a->kv_hs;
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    for (int t0 = 0; t0 < end; t0 += TILE) {
+        const int n = end - t0 < TILE ? end - t0 : TILE;
+        for (int t = 0; t < n; t++) {
+            const int pos = t0 + t;
+            const int64_t off = (int64_t)table[pos / a->block_size] * a->kv_bs
+                                + (int64_t)(pos % a->block_size) * a->kv_ts + hoff;
+            load_row(kb[t], a->k + off * kvsz, d, a->kv_dt);
+            load_row(vb[t], a->v + off * kvsz, d, a->kv_dt);
+        }
+        for (int t = n; t < TILE; t++) {   /* finite padding: its weights are 0 */
+            memset(kb[t], 0, (size_t)d * 4);
+            memset(vb[t], 0, (size_t)d * 4);
+        }
+        for (int x = 0; x < nv; x++) {
+            const int visible = lim[x] - t0 < n ? lim[x] - t0 : n;
+            if (visible <= 0) {
+                memset(pb[x], 0, sizeof pb[x]);
+                continue;
+            }
+            __m512 part[TILE];
+            for (int t = 0; t < TILE; t++) {
+                __m512 p = _mm512_mul_ps(_mm512_load_ps(qv[x]), _mm512_load_ps(kb[t]));
+                for (int c = 1; c < nc; c++)
+                    p = _mm512_fmadd_ps(_mm512_load_ps(qv[x] + 16 * c), _mm512_load_ps(kb[t] + 16 * c), p);
+                part[t] = p;
+            }
+            __m512 sv = _mm512_mask_mov_ps(ninf, (__mmask16)((1u << visible) - 1u), sums16(part));
+            const float mt = _mm512_reduce_max_ps(sv);
+            const float mn = mt > m[x] ? mt : m[x];
+            const __m512 p = exp2_v(_mm512_sub_ps(sv, _mm512_set1_ps(mn)));
+            _mm512_store_ps(pb[x], p);
+            if (mn != m[x]) {
+                const float alpha = m[x] == -INFINITY ? 0.f : exp2f(m[x] - mn);
+                scale_row(acc[x], alpha, d);
+                l[x] *= alpha;
+                m[x] = mn;
+            }
+            l[x] += _mm512_reduce_add_ps(p);
+        }
+        for (int x = 0; x < nv; x++) {
+            for (int c = 0; c < nc; c++) {
+                __m512 o = _mm512_load_ps(acc[x] + 16 * c);
+                for (int t = 0; t < TILE; t++)
+                    o = _mm512_fmadd_ps(_mm512_set1_ps(pb[x][t]), _mm512_load_ps(vb[t] + 16 * c), o);
+                _mm512_store_ps(acc[x] + 16 * c, o);
+            }
+        }
+    }
+    for (int r = 0; r < it->nrows; r++) {
+        const int tok = a->qsl[it->seq] + it->row0 + r;
+        for (int j = 0; j < g; j++) {
+            const int h = it->head * g + j, x = r * g + j;
+            if (l[x] > 0.f) scale_row(acc[x], 1.f / l[x], d);
+            else memset(acc[x], 0, (size_t)d * 4);
+            store_row(a->out + (tok * a->o_ts + h * a->o_hs) * qsz, acc[x], d, a->q_dt);
+        }
+    }
+}
+
+static void run_item_vec_d64(const Args *a, const Item *it) { vec_item(a, it, 64); }
+static void run_item_vec_d128(const Args *a, const Item *it) { vec_item(a, it, 128); }
+static void run_item_vec(const Args *a, const Item *it) { vec_item(a, it, a->d); }
+#endif
+
+#if defined(__AVX512F__)
 #define LANES 16
 /* Prefill rows: the item's query vectors (rows x group heads, at most 16) are the 16 lanes
  * of every vector, so QK^T, the online softmax and PV all run across query vectors with
@@ -368,7 +488,11 @@ int pd_paged_attention(const void *q, int64_t q_ts, int64_t q_hs, int q_dt,
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads) if(count > 1)
     for (int64_t i = 0; i < count; i++) {
 #if defined(__AVX512F__)
-        if (items[i].lanes) { run_item_lanes(&a, &items[i]); continue; }
+        if (items[i].lanes) run_item_lanes(&a, &items[i]);
+        else if (d == 64) run_item_vec_d64(&a, &items[i]);
+        else if (d == 128) run_item_vec_d128(&a, &items[i]);
+        else run_item_vec(&a, &items[i]);
+        continue;
 #endif
         run_item(&a, &items[i]);
     }
