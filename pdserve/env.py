@@ -53,7 +53,8 @@ VARS: dict[str, _Var] = {
         _Var("PDSERVE_CPU_GEMM", "auto", str,
              "CPU: auto (time the GEMM orientations once per machine on the model's weights, "
              "kept in PDSERVE_CACHE_DIR) "
-             "| blas (always F.linear) | transposed (W @ x^T for small batches)"),
+             "| blas (always F.linear) | transposed (W @ x^T for small batches) "
+             "| packed (oneDNN prepacked weights)"),
         _Var("PDSERVE_PREFILL_GRAPH_MAX_TOKENS", 1024, int,
              "CUDA: one-prompt prefill steps of up to this many tokens replay a CUDA graph "
              "(one per 64-token bucket, captured at start); 0 runs them eagerly"),

@@ -31,6 +31,7 @@ import logging
 import os
 import platform
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -64,12 +65,23 @@ CPU_SMALL_BATCH_MAX = 128
 CPU_GEMV_AS_GEMM_MIN_ROWS = 2048
 
 
+# oneDNN with prepacked weights (torch.ops.mkldnn, the kernels torch's own CPU compiler
+# uses): F.linear on a plain weight re-lays it out for every call. Packed once, the same
+# GEMMs ran 1.2-3x faster at 1-64 rows in bf16 and 2-4x faster in fp32 on an AMD EPYC box
+# (benchmarks/RESULTS.md, session 13), bit-identical in bf16. The packed copy is kept
+# beside the weight (twice the weight memory); the layout is chosen for this many rows.
+PACK_ROWS_HINT = 64
+
+
 @dataclass(frozen=True)
 class CpuGemmPlan:
     gemv_as_gemm_min_rows: int = 0    # 0: one row always goes through F.linear
     small_batch_max: int = 1          # 1: no batch goes through W @ x^T
+    packed: bool = False              # every GEMM through a prepacked weight (overrides both)
 
     def describe(self) -> str:
+        if self.packed:
+            return "oneDNN prepacked weights"
         gemv = (f"1 row x >= {self.gemv_as_gemm_min_rows}-row weights as a 2-column GEMM"
                 if self.gemv_as_gemm_min_rows else "1 row via F.linear")
         small = (f"2..{self.small_batch_max} rows as W @ x^T" if self.small_batch_max > 1
@@ -79,7 +91,35 @@ class CpuGemmPlan:
 
 TRANSPOSED_PLAN = CpuGemmPlan(CPU_GEMV_AS_GEMM_MIN_ROWS, CPU_SMALL_BATCH_MAX)
 BLAS_PLAN = CpuGemmPlan()
+PACKED_PLAN = CpuGemmPlan(packed=True)
 _plan: CpuGemmPlan | None = None      # this process's plan (ensure_cpu_gemm_plan)
+# id(weight) -> (weight's version when packed, packed weight); an entry goes with its weight
+_packed: dict[int, tuple[int, Tensor]] = {}
+
+
+def packing_supported() -> bool:
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def packed_weight(weight: Tensor) -> Tensor:
+    """weight in oneDNN's blocked layout, packed on first use and kept while it lives (a
+    weight changed in place since is packed again)."""
+    key = id(weight)
+    hit = _packed.get(key)
+    if hit is not None and hit[0] == weight._version:
+        return hit[1]
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS_HINT)
+    if hit is None:
+        weakref.finalize(weight, _packed.pop, key, None)
+    _packed[key] = (weight._version, packed)
+    return packed
+
+
+def packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed_weight(weight), bias,
+                                              "none", [], "")
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -87,6 +127,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if x.device.type != "cpu" or x.dim() != 2:
         return F.linear(x, weight, bias)
     plan = _plan or TRANSPOSED_PLAN
+    if plan.packed and x.dtype == weight.dtype and (bias is None or bias.dtype == x.dtype):
+        return packed_linear(x, weight, bias)
     rows = x.shape[0]
     if rows == 1 and plan.gemv_as_gemm_min_rows and weight.shape[0] >= plan.gemv_as_gemm_min_rows:
         out = torch.mm(weight, x.repeat(2, 1).t())[:, :1].t().contiguous()
@@ -124,10 +166,22 @@ def _best_ms(fn: Callable[[], object], reps: int = 3) -> float:
 
 @torch.inference_mode()
 def calibrate_cpu_gemms(weights: list[Tensor], margin: float = 0.9) -> CpuGemmPlan:
-    """Time each orientation on these weights (the model's GEMMs) and keep one only where
-    it beats F.linear by more than 1 - margin: one row against the tall weights, then
-    8, 32 and 96 rows standing for the tiers up to 16, 64 and 128 rows."""
+    """Time each way on these weights (the model's GEMMs) and keep one only where it
+    beats F.linear by more than 1 - margin. First prepacked weights, over 1, 8, 32, 96 and
+    512 rows together (a decode batch to a prefill chunk); if they lose, the orientations:
+    one row against the tall weights, then 8, 32 and 96 rows standing for the tiers up to
+    16, 64 and 128 rows."""
     gen = torch.Generator().manual_seed(0)
+    if packing_supported():
+        blas = packed = 0.0
+        for rows in (1, 8, 32, 96, 512):
+            xs = [torch.randn(rows, w.shape[1], generator=gen, dtype=w.dtype) for w in weights]
+            blas += sum(_best_ms(lambda w=w, x=x: F.linear(x, w)) for w, x in zip(weights, xs))
+            packed += sum(_best_ms(lambda w=w, x=x: packed_linear(x, w)) for w, x in zip(weights, xs))
+        for w in weights:   # the timing's packed copies: packed again at first real use
+            _packed.pop(id(w), None)
+        if packed < margin * blas:
+            return PACKED_PLAN
     tall = [w for w in weights if w.shape[0] >= CPU_GEMV_AS_GEMM_MIN_ROWS]
     gemv = 0
     if tall:
@@ -162,7 +216,7 @@ def _cpu_name() -> str:
 def _plan_file(weights: list[Tensor]) -> Path:
     """Where this machine's plan for these weight shapes is kept (PDSERVE_CACHE_DIR)."""
     from pdserve import env
-    key = json.dumps({"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    key = json.dumps({"plan": 2, "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "shapes": [list(w.shape) for w in weights],
                       "dtype": str(weights[0].dtype)})
     return env.cache_dir() / "cpu-gemm" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
@@ -171,7 +225,8 @@ def _plan_file(weights: list[Tensor]) -> Path:
 def _read_plan(path: Path) -> CpuGemmPlan | None:
     try:
         d = json.loads(path.read_text())
-        return CpuGemmPlan(int(d["gemv_as_gemm_min_rows"]), int(d["small_batch_max"]))
+        return CpuGemmPlan(int(d["gemv_as_gemm_min_rows"]), int(d["small_batch_max"]),
+                           bool(d.get("packed", False)))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -201,15 +256,19 @@ def _shared_plan(weights: list[Tensor]) -> CpuGemmPlan:
 def ensure_cpu_gemm_plan(model: "CausalLM", choice: str = "auto") -> CpuGemmPlan:
     """The process's CPU GEMM plan, set by the first CPU engine (later engines reuse it).
     choice (PDSERVE_CPU_GEMM): auto (measured once per machine, see _shared_plan) | blas |
-    transposed."""
+    transposed | packed."""
     global _plan
     if _plan is None:
-        if choice not in ("auto", "blas", "transposed"):
-            raise ValueError(f"CPU GEMM choice {choice!r}: expected auto, blas or transposed")
+        if choice not in ("auto", "blas", "transposed", "packed"):
+            raise ValueError(f"CPU GEMM choice {choice!r}: expected auto, blas, transposed or packed")
         if choice == "blas":
             _plan = BLAS_PLAN
         elif choice == "transposed":
             _plan = TRANSPOSED_PLAN
+        elif choice == "packed":
+            if not packing_supported():
+                raise ValueError("CPU GEMM choice 'packed': this torch has no oneDNN linear ops")
+            _plan = PACKED_PLAN
         else:
             _plan = _shared_plan([w for w, _ in model.layer_gemms()] + [model.lm_head_weight()])
         logger.info("CPU GEMMs (%s): %s", choice, _plan.describe())
