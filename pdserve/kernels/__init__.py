@@ -1,7 +1,7 @@
 """Attention and KV ops, two implementations behind one small interface.
 
 ``torch``: plain torch reference (the oracle for tests; the CPU path where no C compiler is).
-``cpu``: the CPU path: a fused C attention kernel (cpu_attention.c, built once per machine),
+``cpu``: the CPU path: a fused C attention kernel (cpu_kernels.c, built once per machine),
     the reference's KV write. Shapes it does not take fall back to the reference.
 ``triton``: Triton kernels (the GPU path; on CPU only under TRITON_INTERPRET=1, for tests).
 """
@@ -28,8 +28,8 @@ def _torch_ops() -> AttentionOps:
 
 
 def _cpu_ops() -> AttentionOps:
-    from pdserve.kernels import cpu_attention, reference
-    return AttentionOps("cpu", reference.write_kv, cpu_attention.paged_attention)
+    from pdserve.kernels import cpu_kernels, reference
+    return AttentionOps("cpu", reference.write_kv, cpu_kernels.paged_attention)
 
 
 def _triton_ops() -> AttentionOps:
@@ -47,8 +47,8 @@ def get_attention_ops(name: str | None = None, device: torch.device | None = Non
         if device is not None and device.type == "cuda":
             name = "triton"
         else:
-            from pdserve.kernels import cpu_attention
-            name = "cpu" if cpu_attention.available() else "torch"
+            from pdserve.kernels import cpu_kernels
+            name = "cpu" if cpu_kernels.available() else "torch"
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {sorted(BACKENDS)}")
     return BACKENDS[name]()

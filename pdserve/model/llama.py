@@ -285,6 +285,11 @@ class AttentionOps(Protocol):
                         meta: AttentionMetadata, scale: float) -> Tensor: ...
 
 
+def _cpu_elementwise(x: Tensor) -> bool:
+    from pdserve.kernels import cpu_kernels
+    return cpu_kernels.elementwise_usable(x)
+
+
 class RMSNorm(nn.Module):
     """Normalized in float32, cast back, then scaled (HF order: the weight multiplies the
     already-cast activations, which matters in bf16)."""
@@ -306,12 +311,17 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
     def add_norm(self, x: Tensor, residual: Tensor | None,
-                 fused: bool = False) -> tuple[Tensor, Tensor]:
+                 fused: bool = False, cpu: bool = False) -> tuple[Tensor, Tensor]:
         """(norm(residual + x), residual + x), HF's residual stream; with residual None,
-        (norm(x), x). fused: one Triton kernel instead of ~8 torch ops."""
+        (norm(x), x). fused: one Triton kernel instead of ~8 torch ops; cpu: one C kernel
+        (pdserve/kernels/cpu_kernels.c) for 16-bit activations, the same bits as the ops
+        (fp32 keeps torch's rms_norm, bit-identical to HF's)."""
         if fused:
             from pdserve.kernels import triton_fused
             return triton_fused.add_rms_norm(x, residual, self.weight, self.eps)
+        if cpu and x.dtype != torch.float32 and _cpu_elementwise(x):
+            from pdserve.kernels import cpu_kernels
+            return cpu_kernels.add_rms_norm(x, residual, self.weight, self.eps)
         s = x if residual is None else residual + x
         return self(s), s
 
@@ -371,10 +381,18 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], kv_cache: KVCache,
-                meta: AttentionMetadata, fused: bool = False) -> Tensor:
+                meta: AttentionMetadata, fused: bool = False, cpu: bool = False) -> Tensor:
         # x: [T, hidden]; rope: (cos, sin) each [T, 1, D] for this step's positions
         T, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         k_cache, v_cache = kv_cache
+        if (cpu and not self.qk_norm and self.qkv_weight is not None and _cpu_elementwise(x)
+                and k_cache.dtype == x.dtype and rope[0].dtype == x.dtype):
+            # rotary and the KV write in one C kernel (the same bits as the ops below)
+            from pdserve.kernels import cpu_kernels
+            qkv = linear(x, self.qkv_weight, self.qkv_bias)
+            q = cpu_kernels.rotary_write_kv(qkv, *rope, k_cache, v_cache, meta.slot_mapping, hq, hkv)
+            o = self.ops.paged_attention(q, k_cache, v_cache, meta, self.scale)
+            return linear(o.reshape(T, hq * d), self.o_proj.weight, self.o_proj.bias)
         if not fused and not self.qk_norm and self.qkv_weight is not None:
             # q and k are adjacent in each row of the fused output: rotate them as one
             # [T, Hq + Hkv, D] tensor (half the elementwise ops, the same values).
@@ -415,8 +433,13 @@ class MLP(nn.Module):
     def fuse_projections(self) -> None:
         self.gate_up_weight = _fuse_rows([self.gate_proj, self.up_proj], "weight")
 
-    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
+    def forward(self, x: Tensor, fused: bool = False, cpu: bool = False) -> Tensor:
         # x: [T, hidden]
+        if cpu and self.gate_up_weight is not None and x.dtype != torch.float32 \
+                and _cpu_elementwise(x):
+            from pdserve.kernels import cpu_kernels
+            gate_up = linear(x, self.gate_up_weight)
+            return linear(cpu_kernels.silu_and_mul(gate_up), self.down_proj.weight)
         if fused and self.gate_up_weight is not None:
             return fused_linear(fused_linear(x, self.gate_up_weight), self.down_proj.weight,
                                 silu_mul=True)
@@ -441,11 +464,12 @@ class DecoderLayer(nn.Module):
         so far (None at layer 0). Returns this layer's (output, residual), so each
         residual add fuses into the next norm. The Triton attention backend also runs
         the fused elementwise kernels (pdserve/kernels/triton_fused.py)."""
-        fused = getattr(self.self_attn.ops, "name", None) == "triton"
-        x, residual = self.input_layernorm.add_norm(h, residual, fused)
-        x = self.self_attn(x, rope, kv_cache, meta, fused)
-        x, residual = self.post_attention_layernorm.add_norm(x, residual, fused)
-        return self.mlp(x, fused), residual
+        backend = getattr(self.self_attn.ops, "name", None)
+        fused, cpu = backend == "triton", backend == "cpu"
+        x, residual = self.input_layernorm.add_norm(h, residual, fused, cpu)
+        x = self.self_attn(x, rope, kv_cache, meta, fused, cpu)
+        x, residual = self.post_attention_layernorm.add_norm(x, residual, fused, cpu)
+        return self.mlp(x, fused, cpu), residual
 
 
 class LlamaModel(nn.Module):
@@ -492,8 +516,8 @@ class CausalLM(nn.Module):
         residual: Tensor | None = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             h, residual = layer(h, residual, rope, kv_cache, meta)
-        fused = getattr(self.model.layers[0].self_attn.ops, "name", None) == "triton"
-        return self.model.norm.add_norm(h, residual, fused)[0]
+        backend = getattr(self.model.layers[0].self_attn.ops, "name", None)
+        return self.model.norm.add_norm(h, residual, backend == "triton", backend == "cpu")[0]
 
     def layer_gemms(self) -> list[tuple[Tensor, Tensor | None]]:
         """(weight, bias) of each GEMM one decoder layer runs, as forward() calls them

@@ -1,5 +1,6 @@
-"""The CPU path's fused paged attention: a small C kernel (cpu_attention.c), compiled once
-per machine with the system C compiler and called through ctypes.
+"""The CPU path's kernels: a small C library (cpu_kernels.c), compiled once per machine
+with the system C compiler and called through ctypes. Paged attention, and the decoder
+layer's elementwise ops fused (residual add + RMSNorm, SiLU-and-mul, rotary + KV write).
 
 The torch reference (reference.py) gathers each sequence's blocks into a contiguous copy
 and runs SDPA on it; this kernel reads the blocks in place, one pass over the context
@@ -35,9 +36,10 @@ from pdserve.kernels.metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_attention.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno",
+         "-ffp-contract=off"]   # no implicit FMAs: elementwise ops round as torch does
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -62,7 +64,7 @@ def _library_path(cc: str) -> Path:
                              timeout=30).stdout.splitlines()[:1]
     key = "\n".join([SOURCE.read_text(), " ".join(FLAGS), cc, *version, _cpu_id()])
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-    return env.cache_dir() / "cpu-kernels" / f"cpu_attention-{digest}.so"
+    return env.cache_dir() / "cpu-kernels" / f"cpu_kernels-{digest}.so"
 
 
 def _build(cc: str, path: Path) -> None:
@@ -92,6 +94,15 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
                    p, i64,                      # block_tables, row stride
                    p, p, i32,                   # query_start_loc, seq_lens, num_seqs
                    i32, i32, i32, i32, f32, i32]  # hq, hkv, d, block_size, scale, threads
+    fn = lib.pd_add_rms_norm
+    fn.restype = None
+    fn.argtypes = [p, p, p, p, p, i32, i32, f32, i32, i32]
+    fn = lib.pd_silu_mul
+    fn.restype = None
+    fn.argtypes = [p, p, i32, i32, i32, i32]
+    fn = lib.pd_rotary_write_kv
+    fn.restype = None
+    fn.argtypes = [p, i64, p, p, p, p, p, i64, i64, i64, p, i32, i32, i32, i32, i32, i32, i32]
     return lib
 
 
@@ -173,3 +184,60 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: Attention
         return reference.paged_attention(q, k_cache, v_cache, meta, scale)
     return attention(q, k_cache, v_cache, meta.query_start_loc, meta.seq_lens,
                      meta.block_tables, scale)
+
+
+# -- elementwise ops (the model calls these on the "cpu" backend; see llama.py) ----------
+def elementwise_usable(x: Tensor) -> bool:
+    """The fused elementwise ops take x (row-contiguous, CPU, a supported dtype)."""
+    return (x.device.type == "cpu" and x.dtype in DTYPES and x.dim() == 2 and x.is_contiguous()
+            and x.shape[1] % 16 == 0 and load() is not None)
+
+
+def add_rms_norm(x: Tensor, residual: Tensor | None, weight: Tensor,
+                 eps: float) -> tuple[Tensor, Tensor]:
+    """(rms_norm(residual + x) * weight, residual + x) with HF's rounding; x: [T, H]."""
+    lib = load()
+    rows, hidden = x.shape
+    if hidden % 16 or weight.dtype != x.dtype or (
+            residual is not None and (residual.dtype != x.dtype or not residual.is_contiguous())):
+        raise ValueError("add_rms_norm: unsupported shapes or dtypes")
+    s = torch.empty_like(x)
+    out = torch.empty_like(x)
+    lib.pd_add_rms_norm(x.data_ptr(), 0 if residual is None else residual.data_ptr(),
+                        s.data_ptr(), out.data_ptr(), weight.contiguous().data_ptr(), rows, hidden,
+                        float(eps), DTYPES[x.dtype], torch.get_num_threads())
+    return out, s
+
+
+def silu_and_mul(x: Tensor) -> Tensor:
+    """x: [T, 2I] = gate | up -> silu(gate) * up, [T, I]."""
+    rows, two = x.shape
+    if two % 32:
+        raise ValueError("silu_and_mul: the width must be a multiple of 32")
+    out = torch.empty((rows, two // 2), dtype=x.dtype)
+    load().pd_silu_mul(x.data_ptr(), out.data_ptr(), rows, two // 2, DTYPES[x.dtype],
+                       torch.get_num_threads())
+    return out
+
+
+def rotary_write_kv(qkv: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
+                    slot_mapping: Tensor, hq: int, hkv: int) -> Tensor:
+    """qkv: [T, (hq + 2 hkv) D] rows of the fused projection (row stride free, columns
+    contiguous); cos, sin: [T, D] (or [T, 1, D]). Returns rotated q [T, hq, D] and writes
+    rotated k and v into the caches at slot_mapping (negative: skipped)."""
+    T = qkv.shape[0]
+    d = k_cache.shape[-1]
+    cos, sin = cos.reshape(T, d).contiguous(), sin.reshape(T, d).contiguous()
+    if (qkv.stride(1) != 1 or k_cache.dtype != qkv.dtype or v_cache.dtype != qkv.dtype
+            or cos.dtype != qkv.dtype or k_cache.stride() != v_cache.stride()
+            or k_cache.stride(3) != 1 or d % 32):
+        raise ValueError("rotary_write_kv: unsupported shapes or dtypes")
+    slots = slot_mapping if slot_mapping.dtype == torch.int64 else slot_mapping.long()
+    slots = slots.contiguous()
+    q = torch.empty((T, hq, d), dtype=qkv.dtype)
+    load().pd_rotary_write_kv(
+        qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), q.data_ptr(),
+        k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), slots.data_ptr(), T, hq, hkv, d, k_cache.shape[1], DTYPES[qkv.dtype],
+        torch.get_num_threads())
+    return q

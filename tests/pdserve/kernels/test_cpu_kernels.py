@@ -1,4 +1,4 @@
-"""The CPU attention kernel (pdserve/kernels/cpu_attention.c) against the torch reference.
+"""The CPU attention kernel (pdserve/kernels/cpu_kernels.c) against the torch reference.
 
 Unwritten cache slots hold NaN (tests/pdserve/kernels/test_reference.py's _paged_case),
 so a kernel that reads one position past a sequence's length fails here.
@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from pdserve.kernels import cpu_attention, get_attention_ops, reference
+from pdserve.kernels import cpu_kernels, get_attention_ops, reference
 from pdserve.kernels.metadata import AttentionMetadata
 from tests.pdserve.kernels.test_reference import _paged_case
 
@@ -32,8 +32,8 @@ def _check(ctx_lens, q_lens, page, hkv, g, d, dtype, head_major=False):
         k = k.transpose(1, 2).contiguous().transpose(1, 2)
         v = v.transpose(1, 2).contiguous().transpose(1, 2)
     meta = _meta(c, q_lens, ctx_lens)
-    assert cpu_attention.usable(c["q"], k, v)
-    got = cpu_attention.paged_attention(c["q"], k, v, meta, c["scale"])
+    assert cpu_kernels.usable(c["q"], k, v)
+    got = cpu_kernels.paged_attention(c["q"], k, v, meta, c["scale"])
     want = reference.paged_attention(c["q"], c["k_cache"], c["v_cache"], meta, c["scale"])
     assert got.dtype == dtype and got.shape == want.shape
     assert torch.isfinite(got.float()).all()
@@ -41,7 +41,7 @@ def _check(ctx_lens, q_lens, page, hkv, g, d, dtype, head_major=False):
 
 
 def test_the_kernel_builds_and_auto_picks_it():
-    assert cpu_attention.available()
+    assert cpu_kernels.available()
     assert get_attention_ops("auto", torch.device("cpu")).name == "cpu"
 
 
@@ -69,7 +69,7 @@ def test_empty_rows_get_zeros():
     c = _paged_case([20, 1, 7], [1, 1, 1], 16, 2, 2, 64)
     c["seq_lens"] = torch.tensor([20, 0, 7], dtype=torch.int32)   # a padded batch row
     meta = _meta(c, [1, 1, 1], [20, 0, 7])
-    got = cpu_attention.paged_attention(c["q"], c["k_cache"], c["v_cache"], meta, c["scale"])
+    got = cpu_kernels.paged_attention(c["q"], c["k_cache"], c["v_cache"], meta, c["scale"])
     assert torch.equal(got[1], torch.zeros_like(got[1]))
     want = reference.paged_attention(c["q"], c["k_cache"], c["v_cache"], meta, c["scale"])
     torch.testing.assert_close(got[[0, 2]], want[[0, 2]], atol=2e-5, rtol=2e-5)
@@ -78,8 +78,8 @@ def test_empty_rows_get_zeros():
 def test_unsupported_head_dim_falls_back_to_the_reference():
     c = _paged_case([9, 30], [1, 1], 16, 2, 2, 40)
     meta = _meta(c, [1, 1], [9, 30])
-    assert not cpu_attention.usable(c["q"], c["k_cache"], c["v_cache"])
-    got = cpu_attention.paged_attention(c["q"], c["k_cache"], c["v_cache"], meta, c["scale"])
+    assert not cpu_kernels.usable(c["q"], c["k_cache"], c["v_cache"])
+    got = cpu_kernels.paged_attention(c["q"], c["k_cache"], c["v_cache"], meta, c["scale"])
     want = reference.paged_attention(c["q"], c["k_cache"], c["v_cache"], meta, c["scale"])
     assert torch.equal(got, want)
 
@@ -92,6 +92,6 @@ def test_query_view_with_row_stride():
     q = wide[:, :6]
     assert not q.is_contiguous()
     meta = _meta(c, [1, 12], [30, 12])
-    got = cpu_attention.paged_attention(q, c["k_cache"], c["v_cache"], meta, c["scale"])
+    got = cpu_kernels.paged_attention(q, c["k_cache"], c["v_cache"], meta, c["scale"])
     want = reference.paged_attention(c["q"], c["k_cache"], c["v_cache"], meta, c["scale"])
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)

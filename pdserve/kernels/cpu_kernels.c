@@ -1,6 +1,6 @@
 /* pdserve CPU paged attention: one fused pass over the paged KV cache.
  *
- * Built at first use by pdserve/kernels/cpu_attention.py (gcc -O3 -march=native
+ * Built at first use by pdserve/kernels/cpu_kernels.py (gcc -O3 -march=native
  * -fopenmp) and called through ctypes with raw pointers and strides; no torch headers.
  *
  * One call covers a whole step: every sequence's new tokens (decode rows and prefill
@@ -498,4 +498,160 @@ int pd_paged_attention(const void *q, int64_t q_ts, int64_t q_hs, int q_dt,
     }
     free(items);
     return 0;
+}
+
+/* ---- Elementwise ops of the decoder layer, rounding where Hugging Face's ops round ----
+ * Activations are dtype dt (0 / 1 / 2 as above); every op computes in fp32 and rounds to
+ * dt after each step that is a separate torch op in HF's code, so bf16 results match the
+ * unfused ops bit for bit (RMSNorm up to the fp32 summation order of its mean). Widths are
+ * multiples of 16 (the caller checks). Rows are spread over threads when there are enough. */
+
+#define PAR_ROWS 64         /* fewer rows run on the calling thread */
+
+#if defined(__AVX512F__)
+typedef __m512 V;
+static inline V vload(const void *p, int dt) {
+    if (dt == F32) return _mm512_loadu_ps(p);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    if (dt == BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+static inline __m256i to16(V x, int dt) {
+    if (dt == F16) return _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#if defined(__AVX512BF16__)
+    return (__m256i)_mm512_cvtneps_pbh(x);
+#else
+    __m512i u = _mm512_castps_si512(x);   /* round to nearest even (NaN inputs not kept) */
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                             _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+#endif
+}
+static inline void vstore(void *p, V x, int dt) {
+    if (dt == F32) _mm512_storeu_ps(p, x);
+    else _mm256_storeu_si256((__m256i *)p, to16(x, dt));
+}
+static inline V vrnd(V x, int dt) {   /* x as stored in dt, back in fp32 */
+    if (dt == F32) return x;
+    const __m256i h = to16(x, dt);
+    if (dt == BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return _mm512_cvtph_ps(h);
+}
+static inline V vexp_neg(V g) {   /* e^-g */
+    float b[16] __attribute__((aligned(64)));
+    _mm512_store_ps(b, _mm512_mul_ps(g, _mm512_set1_ps(-1.4426950408889634f)));
+    exp2_16(b);
+    return _mm512_load_ps(b);
+}
+#define VADD _mm512_add_ps
+#define VMUL _mm512_mul_ps
+#define VDIV _mm512_div_ps
+#define VSET _mm512_set1_ps
+#define VSUB _mm512_sub_ps
+#define LW 16
+#else
+typedef float V;   /* one lane: the same code, scalar */
+static inline V vload(const void *p, int dt) {
+    return dt == F32 ? *(const float *)p : dt == BF16 ? bf16_to_f32(*(const uint16_t *)p)
+                                                      : (float)*(const _Float16 *)p;
+}
+static inline void vstore(void *p, V x, int dt) {
+    if (dt == F32) *(float *)p = x;
+    else if (dt == BF16) *(uint16_t *)p = f32_to_bf16(x);
+    else *(_Float16 *)p = (_Float16)x;
+}
+static inline V vrnd(V x, int dt) {
+    return dt == BF16 ? bf16_to_f32(f32_to_bf16(x)) : dt == F16 ? (float)(_Float16)x : x;
+}
+static inline V vexp_neg(V g) { return expf(-g); }
+#define VADD(a, b) ((a) + (b))
+#define VMUL(a, b) ((a) * (b))
+#define VDIV(a, b) ((a) / (b))
+#define VSET(a) (a)
+#define VSUB(a, b) ((a) - (b))
+#define LW 1
+#endif
+
+static inline float vsum(V x) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps(x);
+#else
+    return x;
+#endif
+}
+
+/* s = residual + x (or x when residual is NULL), stored to res_out;
+ * out = w * round(s * rsqrt(mean(s^2) + eps))  (HF's RMSNorm order). */
+void pd_add_rms_norm(const void *x, const void *residual, void *res_out, void *out,
+                     const void *w, int rows, int hidden, float eps, int dt, int nthreads) {
+    const int sz = dt == F32 ? 4 : 2;
+#pragma omp parallel for num_threads(nthreads) if(rows >= PAR_ROWS) schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const int64_t off = (int64_t)r * hidden * sz;
+        const char *xr = (const char *)x + off, *rr = (const char *)residual + off;
+        char *sr = (char *)res_out + off, *orow = (char *)out + off;
+        V ss = VSET(0.f);
+        for (int i = 0; i < hidden; i += LW) {
+            V v = vload(xr + i * sz, dt);
+            if (residual) v = vrnd(VADD(v, vload(rr + i * sz, dt)), dt);
+            vstore(sr + i * sz, v, dt);
+            ss = VADD(ss, VMUL(v, v));
+        }
+        const V inv = VSET(1.f / sqrtf(vsum(ss) / hidden + eps));
+        for (int i = 0; i < hidden; i += LW)
+            vstore(orow + i * sz, VMUL(vload((const char *)w + i * sz, dt),
+                                       vrnd(VMUL(vload(sr + i * sz, dt), inv), dt)), dt);
+    }
+}
+
+/* out[r] = round(silu(gate)) * up, x[r] = gate | up (each `inter` wide). */
+void pd_silu_mul(const void *x, void *out, int rows, int inter, int dt, int nthreads) {
+    const int sz = dt == F32 ? 4 : 2;
+#pragma omp parallel for num_threads(nthreads) if((int64_t)rows * inter >= PAR_ROWS * 1024) schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const char *row = (const char *)x + (int64_t)r * 2 * inter * sz;
+        char *o = (char *)out + (int64_t)r * inter * sz;
+        for (int i = 0; i < inter; i += LW) {
+            const V g = vload(row + i * sz, dt), u = vload(row + (int64_t)(inter + i) * sz, dt);
+            const V silu = vrnd(VDIV(g, VADD(VSET(1.f), vexp_neg(g))), dt);
+            vstore(o + i * sz, VMUL(silu, u), dt);
+        }
+    }
+}
+
+/* Rotary (HF rotate_half: out = round(round(x * cos) + round(rotate_half(x) * sin))) of
+ * q and k from the fused projection's rows qkv [T, (hq + 2 hkv) D] (row stride qkv_rs),
+ * q into q_out [T, hq, D]; rotated k and v into the paged caches at slot_mapping (a
+ * negative slot is padding: skipped). cos, sin: [T, D]. D / 2 is a multiple of 16. */
+void pd_rotary_write_kv(const void *qkv, int64_t qkv_rs, const void *cos, const void *sin,
+                        void *q_out, void *k_cache, void *v_cache, int64_t kv_bs,
+                        int64_t kv_ts, int64_t kv_hs, const int64_t *slots, int tokens,
+                        int hq, int hkv, int d, int block_size, int dt, int nthreads) {
+    const int sz = dt == F32 ? 4 : 2, half = d / 2;
+#pragma omp parallel for num_threads(nthreads) if(tokens >= PAR_ROWS) schedule(static)
+    for (int t = 0; t < tokens; t++) {
+        const char *row = (const char *)qkv + (int64_t)t * qkv_rs * sz;
+        const char *cr = (const char *)cos + (int64_t)t * d * sz, *sr = (const char *)sin + (int64_t)t * d * sz;
+        const int64_t slot = slots[t];
+        const int64_t base = slot < 0 ? -1 : (slot / block_size) * kv_bs + (slot % block_size) * kv_ts;
+        for (int h = 0; h < hq + hkv; h++) {
+            const char *xr = row + (int64_t)h * d * sz;
+            char *dst = h < hq ? (char *)q_out + ((int64_t)t * hq + h) * d * sz
+                      : base >= 0 ? (char *)k_cache + (base + (int64_t)(h - hq) * kv_hs) * sz : NULL;
+            if (!dst) continue;
+            for (int i = 0; i < half; i += LW) {
+                const V x1 = vload(xr + i * sz, dt), x2 = vload(xr + (i + half) * sz, dt);
+                const V c1 = vload(cr + i * sz, dt), c2 = vload(cr + (i + half) * sz, dt);
+                const V s1 = vload(sr + i * sz, dt), s2 = vload(sr + (i + half) * sz, dt);
+                const V y1 = VADD(vrnd(VMUL(x1, c1), dt), vrnd(VMUL(VSUB(VSET(0.f), x2), s1), dt));
+                const V y2 = VADD(vrnd(VMUL(x2, c2), dt), vrnd(VMUL(x1, s2), dt));
+                vstore(dst + i * sz, y1, dt);
+                vstore(dst + (i + half) * sz, y2, dt);
+            }
+        }
+        if (base >= 0)
+            for (int h = 0; h < hkv; h++)
+                memcpy((char *)v_cache + (base + (int64_t)h * kv_hs) * sz,
+                       row + (int64_t)(hq + hkv + h) * d * sz, (size_t)d * sz);
+    }
 }
