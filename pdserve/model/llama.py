@@ -386,7 +386,8 @@ class Attention(nn.Module):
         T, hq, hkv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         k_cache, v_cache = kv_cache
         if (cpu and not self.qk_norm and self.qkv_weight is not None and _cpu_elementwise(x)
-                and k_cache.dtype == x.dtype and rope[0].dtype == x.dtype):
+                and d % 32 == 0 and k_cache.dtype == x.dtype and rope[0].dtype == x.dtype
+                and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1):
             # rotary and the KV write in one C kernel (the same bits as the ops below)
             from pdserve.kernels import cpu_kernels
             qkv = linear(x, self.qkv_weight, self.qkv_bias)
@@ -436,7 +437,7 @@ class MLP(nn.Module):
     def forward(self, x: Tensor, fused: bool = False, cpu: bool = False) -> Tensor:
         # x: [T, hidden]
         if cpu and self.gate_up_weight is not None and x.dtype != torch.float32 \
-                and _cpu_elementwise(x):
+                and self.down_proj.weight.shape[1] % 16 == 0 and _cpu_elementwise(x):
             from pdserve.kernels import cpu_kernels
             gate_up = linear(x, self.gate_up_weight)
             return linear(cpu_kernels.silu_and_mul(gate_up), self.down_proj.weight)
