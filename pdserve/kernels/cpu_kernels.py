@@ -121,11 +121,17 @@ def load() -> ctypes.CDLL | None:
                 raise RuntimeError("no C compiler (gcc or cc) on PATH")
             path = _library_path(cc)
             if not path.exists():
-                logger.info("building the CPU attention kernel: %s", path)
-                _build(cc, path)
+                logger.info("building the CPU kernels: %s", path)
+                try:
+                    _build(cc, path)
+                except OSError as e:   # a read-only cache dir: build for this process only
+                    path = Path(tempfile.mkdtemp(prefix="pdserve-cpu-kernels-")) / path.name
+                    logger.info("cannot write the CPU kernels to the cache dir (%s); building %s",
+                                e, path)
+                    _build(cc, path)
             _lib = _declare(ctypes.CDLL(str(path)))
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            logger.warning("CPU attention kernel unavailable (%s); using the torch reference", e)
+            logger.warning("CPU kernels unavailable (%s); using the torch reference ops", e)
             _lib = None
         _tried = True
         return _lib
