@@ -158,39 +158,66 @@ typedef struct {
     float qscale;
 } Args;
 
-static void run_item(const Args *a, const Item *it) {
-    const int d = a->d, g = a->hq / a->hkv, nv = it->nrows * g;
-    const int qlen = a->qsl[it->seq + 1] - a->qsl[it->seq];
-    const int ctx = a->slen[it->seq];
-    const int qsz = a->q_dt == F32 ? 4 : 2, kvsz = a->kv_dt == F32 ? 4 : 2;
-    float qv[MAX_VECS][MAX_D], acc[MAX_VECS][MAX_D];
-    float m[MAX_VECS], l[MAX_VECS], s[MAX_VECS][TILE];
-    float kb[TILE][MAX_D], vb[TILE][MAX_D];
-    int lim[MAX_VECS];   /* positions [0, lim) visible to each query vector */
+/* An item's query vectors x = r * g + j (row r, head j of the group): loaded in fp32 and
+ * prescaled into qv, accumulators zeroed, and lim[x], the positions [0, lim) it sees. */
+static inline void init_rows(const Args *a, const Item *it, float (*qv)[MAX_D],
+                             float (*acc)[MAX_D], float *m, float *l, int *lim) {
+    const int g = a->hq / a->hkv, d = a->d, qsz = a->q_dt == F32 ? 4 : 2;
+    const int qlen = a->qsl[it->seq + 1] - a->qsl[it->seq], ctx = a->slen[it->seq];
     for (int r = 0; r < it->nrows; r++) {
         const int tok = a->qsl[it->seq] + it->row0 + r;
         for (int j = 0; j < g; j++) {
             const int h = it->head * g + j, x = r * g + j;
             load_row(qv[x], a->q + (tok * a->q_ts + h * a->q_hs) * qsz, d, a->q_dt);
             scale_row(qv[x], a->qscale, d);
-            memset(acc[x], 0, (size_t)d * 4);
-            m[x] = -INFINITY;
-            l[x] = 0.f;
+            if (acc) memset(acc[x], 0, (size_t)d * 4);
+            if (m) m[x] = -INFINITY;
+            if (l) l[x] = 0.f;
             lim[x] = ctx - qlen + it->row0 + r + 1;
         }
     }
-    const int end = lim[nv - 1];
+}
+
+/* Row x of the output: acc[x] / l[x] (zeros where nothing was visible). */
+static inline void store_out(const Args *a, const Item *it, int x, float *acc, float l) {
+    const int g = a->hq / a->hkv, d = a->d, qsz = a->q_dt == F32 ? 4 : 2;
+    const int tok = a->qsl[it->seq] + it->row0 + x / g, h = it->head * g + x % g;
+    if (l > 0.f) scale_row(acc, 1.f / l, d);
+    else memset(acc, 0, (size_t)d * 4);
+    store_row(a->out + (tok * a->o_ts + h * a->o_hs) * qsz, acc, d, a->q_dt);
+}
+
+/* Positions [t0, t0 + n) of the item's kv head into kb / vb in fp32; rows n..TILE-1 zeroed
+ * (finite padding, weighted 0) when pad is set. */
+static inline void load_tile(const Args *a, const Item *it, int t0, int n,
+                             float (*kb)[MAX_D], float (*vb)[MAX_D], int pad) {
+    const int d = a->d, kvsz = a->kv_dt == F32 ? 4 : 2;
     const int32_t *table = a->bt + (int64_t)it->seq * a->bt_stride;
     const int64_t hoff = (int64_t)it->head * a->kv_hs;
+    for (int t = 0; t < n; t++) {
+        const int pos = t0 + t;
+        const int64_t off = (int64_t)table[pos / a->block_size] * a->kv_bs
+                            + (int64_t)(pos % a->block_size) * a->kv_ts + hoff;
+        load_row(kb[t], a->k + off * kvsz, d, a->kv_dt);
+        load_row(vb[t], a->v + off * kvsz, d, a->kv_dt);
+    }
+    for (int t = n; pad && t < TILE; t++) {
+        memset(kb[t], 0, (size_t)d * 4);
+        memset(vb[t], 0, (size_t)d * 4);
+    }
+}
+
+static void run_item(const Args *a, const Item *it) {
+    const int d = a->d, nv = it->nrows * (a->hq / a->hkv);
+    float qv[MAX_VECS][MAX_D], acc[MAX_VECS][MAX_D];
+    float m[MAX_VECS], l[MAX_VECS], s[MAX_VECS][TILE];
+    float kb[TILE][MAX_D], vb[TILE][MAX_D];
+    int lim[MAX_VECS];   /* positions [0, lim) visible to each query vector */
+    init_rows(a, it, qv, acc, m, l, lim);
+    const int end = lim[nv - 1];
     for (int t0 = 0; t0 < end; t0 += TILE) {
         const int n = end - t0 < TILE ? end - t0 : TILE;
-        for (int t = 0; t < n; t++) {
-            const int pos = t0 + t;
-            const int64_t off = (int64_t)table[pos / a->block_size] * a->kv_bs
-                                + (int64_t)(pos % a->block_size) * a->kv_ts + hoff;
-            load_row(kb[t], a->k + off * kvsz, d, a->kv_dt);
-            load_row(vb[t], a->v + off * kvsz, d, a->kv_dt);
-        }
+        load_tile(a, it, t0, n, kb, vb, 0);
         for (int x = 0; x < nv; x++) {
             const int visible = lim[x] - t0 < n ? lim[x] - t0 : n;
             if (visible <= 0) continue;
@@ -214,15 +241,7 @@ static void run_item(const Args *a, const Item *it) {
             for (int t = 0; t < visible; t++) axpy(acc[x], s[x][t], vb[t], d);
         }
     }
-    for (int r = 0; r < it->nrows; r++) {
-        const int tok = a->qsl[it->seq] + it->row0 + r;
-        for (int j = 0; j < g; j++) {
-            const int h = it->head * g + j, x = r * g + j;
-            if (l[x] > 0.f) scale_row(acc[x], 1.f / l[x], d);
-            else memset(acc[x], 0, (size_t)d * 4);
-            store_row(a->out + (tok * a->o_ts + h * a->o_hs) * qsz, acc[x], d, a->q_dt);
-        }
-    }
+    for (int x = 0; x < nv; x++) store_out(a, it, x, acc[x], l[x]);
 }
 
 
@@ -255,10 +274,7 @@ static inline __m512 sums16(__m512 *v) {
  * constant in each caller (run_item_vec_d64 / _d128), so the D loops unroll. */
 static inline __attribute__((always_inline)) void vec_item(const Args *a, const Item *it,
                                                            const int d) {
-    const int g = a->hq / a->hkv, nv = it->nrows * g, nc = d / 16;
-    const int qlen = a->qsl[it->seq + 1] - a->qsl[it->seq];
-    const int ctx = a->slen[it->seq];
-    const int qsz = a->q_dt == F32 ? 4 : 2, kvsz = a->kv_dt == F32 ? 4 : 2;
+    const int nv = it->nrows * (a->hq / a->hkv), nc = d / 16;
     float qv[MAX_VECS][MAX_D] __attribute__((aligned(64)));
     float acc[MAX_VECS][MAX_D] __attribute__((aligned(64)));
     float pb[MAX_VECS][TILE] __attribute__((aligned(64)));
@@ -266,35 +282,12 @@ static inline __attribute__((always_inline)) void vec_item(const Args *a, const 
     float vb[TILE][MAX_D] __attribute__((aligned(64)));
     float m[MAX_VECS], l[MAX_VECS];
     int lim[MAX_VECS];
-    for (int r = 0; r < it->nrows; r++) {
-        const int tok = a->qsl[it->seq] + it->row0 + r;
-        for (int j = 0; j < g; j++) {
-            const int h = it->head * g + j, x = r * g + j;
-            load_row(qv[x], a->q + (tok * a->q_ts + h * a->q_hs) * qsz, d, a->q_dt);
-            scale_row(qv[x], a->qscale, d);
-            memset(acc[x], 0, (size_t)d * 4);
-            m[x] = -INFINITY;
-            l[x] = 0.f;
-            lim[x] = ctx - qlen + it->row0 + r + 1;
-        }
-    }
+    init_rows(a, it, qv, acc, m, l, lim);
     const int end = lim[nv - 1];
-    const int32_t *table = a->bt + (int64_t)it->seq * a->bt_stride;
-    const int64_t hoff = (int64_t)it->head * a->kv_hs;
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
     for (int t0 = 0; t0 < end; t0 += TILE) {
         const int n = end - t0 < TILE ? end - t0 : TILE;
-        for (int t = 0; t < n; t++) {
-            const int pos = t0 + t;
-            const int64_t off = (int64_t)table[pos / a->block_size] * a->kv_bs
-                                + (int64_t)(pos % a->block_size) * a->kv_ts + hoff;
-            load_row(kb[t], a->k + off * kvsz, d, a->kv_dt);
-            load_row(vb[t], a->v + off * kvsz, d, a->kv_dt);
-        }
-        for (int t = n; t < TILE; t++) {   /* finite padding: its weights are 0 */
-            memset(kb[t], 0, (size_t)d * 4);
-            memset(vb[t], 0, (size_t)d * 4);
-        }
+        load_tile(a, it, t0, n, kb, vb, 1);
         for (int x = 0; x < nv; x++) {
             const int visible = lim[x] - t0 < n ? lim[x] - t0 : n;
             if (visible <= 0) {
@@ -330,15 +323,7 @@ static inline __attribute__((always_inline)) void vec_item(const Args *a, const 
             }
         }
     }
-    for (int r = 0; r < it->nrows; r++) {
-        const int tok = a->qsl[it->seq] + it->row0 + r;
-        for (int j = 0; j < g; j++) {
-            const int h = it->head * g + j, x = r * g + j;
-            if (l[x] > 0.f) scale_row(acc[x], 1.f / l[x], d);
-            else memset(acc[x], 0, (size_t)d * 4);
-            store_row(a->out + (tok * a->o_ts + h * a->o_hs) * qsz, acc[x], d, a->q_dt);
-        }
-    }
+    for (int x = 0; x < nv; x++) store_out(a, it, x, acc[x], l[x]);
 }
 
 static void run_item_vec_d64(const Args *a, const Item *it) { vec_item(a, it, 64); }
@@ -354,47 +339,26 @@ static void run_item_vec(const Args *a, const Item *it) { vec_item(a, it, a->d);
  * broadcast FMA a position and dimension), p[t] = exp2(s[t] - m), accT[d] += p[t] * V[t][d].
  * Qt and accT are [D][16]: transposed once per item, not per tile. */
 static void run_item_lanes(const Args *a, const Item *it) {
-    const int d = a->d, g = a->hq / a->hkv, nv = it->nrows * g;
-    const int qlen = a->qsl[it->seq + 1] - a->qsl[it->seq];
-    const int ctx = a->slen[it->seq];
-    const int qsz = a->q_dt == F32 ? 4 : 2, kvsz = a->kv_dt == F32 ? 4 : 2;
-    float qrow[MAX_D] __attribute__((aligned(64)));
+    const int d = a->d, nv = it->nrows * (a->hq / a->hkv);
+    float qv[LANES][MAX_D] __attribute__((aligned(64)));
     float qt[MAX_D][LANES] __attribute__((aligned(64)));
     float acct[MAX_D][LANES] __attribute__((aligned(64)));
     float kb[TILE][MAX_D] __attribute__((aligned(64)));
     float vb[TILE][MAX_D] __attribute__((aligned(64)));
     int32_t limv[LANES] __attribute__((aligned(64)));
+    for (int x = 0; x < LANES; x++) limv[x] = 0;   /* unused lanes see nothing */
+    init_rows(a, it, qv, NULL, NULL, NULL, limv);
     memset(qt, 0, sizeof(float) * LANES * d);
     memset(acct, 0, sizeof(float) * LANES * d);
-    for (int x = 0; x < LANES; x++) limv[x] = 0;
-    for (int r = 0; r < it->nrows; r++) {
-        const int tok = a->qsl[it->seq] + it->row0 + r;
-        for (int j = 0; j < g; j++) {
-            const int h = it->head * g + j, x = r * g + j;
-            load_row(qrow, a->q + (tok * a->q_ts + h * a->q_hs) * qsz, d, a->q_dt);
-            for (int c = 0; c < d; c++) qt[c][x] = qrow[c] * a->qscale;
-            limv[x] = ctx - qlen + it->row0 + r + 1;
-        }
-    }
+    for (int x = 0; x < nv; x++)
+        for (int c = 0; c < d; c++) qt[c][x] = qv[x][c];
     const int end = limv[nv - 1];
     const __m512i lim = _mm512_load_si512(limv);
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
     __m512 m = ninf, l = _mm512_setzero_ps();
-    const int32_t *table = a->bt + (int64_t)it->seq * a->bt_stride;
-    const int64_t hoff = (int64_t)it->head * a->kv_hs;
     for (int t0 = 0; t0 < end; t0 += TILE) {
         const int n = end - t0 < TILE ? end - t0 : TILE;
-        for (int t = 0; t < n; t++) {
-            const int pos = t0 + t;
-            const int64_t off = (int64_t)table[pos / a->block_size] * a->kv_bs
-                                + (int64_t)(pos % a->block_size) * a->kv_ts + hoff;
-            load_row(kb[t], a->k + off * kvsz, d, a->kv_dt);
-            load_row(vb[t], a->v + off * kvsz, d, a->kv_dt);
-        }
-        for (int t = n; t < TILE; t++) {   /* finite padding: its weights are 0 */
-            memset(kb[t], 0, (size_t)d * 4);
-            memset(vb[t], 0, (size_t)d * 4);
-        }
+        load_tile(a, it, t0, n, kb, vb, 1);
         __m512 s[TILE];
         for (int t = 0; t < TILE; t++) s[t] = _mm512_setzero_ps();
         for (int c = 0; c < d; c++) {
@@ -434,14 +398,9 @@ static void run_item_lanes(const Args *a, const Item *it) {
     }
     float lv[LANES] __attribute__((aligned(64)));
     _mm512_store_ps(lv, l);
-    for (int r = 0; r < it->nrows; r++) {
-        const int tok = a->qsl[it->seq] + it->row0 + r;
-        for (int j = 0; j < g; j++) {
-            const int h = it->head * g + j, x = r * g + j;
-            const float inv = lv[x] > 0.f ? 1.f / lv[x] : 0.f;
-            for (int c = 0; c < d; c++) qrow[c] = acct[c][x] * inv;
-            store_row(a->out + (tok * a->o_ts + h * a->o_hs) * qsz, qrow, d, a->q_dt);
-        }
+    for (int x = 0; x < nv; x++) {
+        for (int c = 0; c < d; c++) qv[x][c] = acct[c][x];
+        store_out(a, it, x, qv[x], lv[x]);
     }
 }
 #endif
