@@ -272,7 +272,26 @@ def ensure_cpu_gemm_plan(model: "CausalLM", choice: str = "auto") -> CpuGemmPlan
         else:
             _plan = _shared_plan([w for w, _ in model.layer_gemms()] + [model.lm_head_weight()])
         logger.info("CPU GEMMs (%s): %s", choice, _plan.describe())
+    if _plan.packed:
+        prepack_weights(model)
     return _plan
+
+
+@torch.inference_mode()
+def prepack_weights(model: "CausalLM") -> None:
+    """Pack every GEMM weight of the model now (about a second for the default model)
+    and run each once, so that no request pays the packing or oneDNN's first call."""
+    weights = [w for layer in model.model.layers for w in _layer_weights(layer)]
+    weights.append(model.lm_head_weight())
+    for w in weights:
+        packed_linear(torch.zeros(1, w.shape[1], dtype=w.dtype), w)
+
+
+def _layer_weights(layer: "DecoderLayer") -> list[Tensor]:
+    attn, mlp = layer.self_attn, layer.mlp
+    if attn.qkv_weight is None or mlp.gate_up_weight is None:
+        return []   # not fused: such a model is packed at first use
+    return [attn.qkv_weight, attn.o_proj.weight, mlp.gate_up_weight, mlp.down_proj.weight]
 
 
 class AttentionOps(Protocol):
