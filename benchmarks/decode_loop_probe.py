@@ -574,10 +574,7 @@ def pages(out_path: str, reps: int, shapes: list | None = None, head_major: bool
         del c.k_cache, c.v_cache
         torch.cuda.empty_cache()
         for page in (16, 32, 64, 128):
-            kc, vc, bt = paged_copy(c.k, c.v, gen, page)
-            if head_major:
-                kc = kc.transpose(1, 2).contiguous().transpose(1, 2)
-                vc = vc.transpose(1, 2).contiguous().transpose(1, 2)
+            kc, vc, bt = paged_copy(c.k, c.v, gen, page, "head" if head_major else "token")
             configs = [(tile, sp) for tile in (None, (64, 4, 3), (128, 4, 2), (128, 4, 3))
                        for sp in sorted({shipped, 1})]
 

@@ -179,11 +179,23 @@ def part_ceilings(s: Any) -> dict:
 
 
 # -- b, c. attention kernels -----------------------------------------------------------------
-def paged_copy(k: torch.Tensor, v: torch.Tensor, gen: torch.Generator, page: int = PAGE
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def shipped_kv_layout() -> str:
+    """The block layout pdserve's engine allocates on the GPU (CacheConfig.kv_layout
+    "auto" on the Triton backend): what every paged cache here is measured in."""
+    from pdserve.engine.llm_engine import resolve_kv_layout
+    return resolve_kv_layout("auto", "triton")
+
+
+def paged_copy(k: torch.Tensor, v: torch.Tensor, gen: torch.Generator, page: int = PAGE,
+               layout: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Dense k, v [S, Hkv, L, D] (L a multiple of page) -> paged caches
     [S * L/page, page, Hkv, D] holding the same values in a random block order, and the
-    block table [S, L/page] int32."""
+    block table [S, L/page] int32. layout "token" stores each block [page, Hkv, D],
+    "head" [Hkv, page, D] (a permuted view, as allocate_kv_caches lays it out); None:
+    the engine's GPU layout."""
+    layout = layout or shipped_kv_layout()
+    if layout not in ("token", "head"):
+        raise ValueError(f"unknown KV layout {layout!r}")
     s, h, length, d = k.shape
     if length % page:
         raise ValueError(f"context {length} is not a multiple of the page size {page}")
@@ -191,9 +203,14 @@ def paged_copy(k: torch.Tensor, v: torch.Tensor, gen: torch.Generator, page: int
     perm = torch.randperm(s * nb, device=k.device, generator=gen)
     caches = []
     for x in (k, v):
-        cache = torch.empty((s * nb, page, h, d), dtype=x.dtype, device=x.device)
-        cache.index_copy_(0, perm, x.view(s, h, nb, page, d).permute(0, 2, 3, 1, 4)
-                          .reshape(s * nb, page, h, d))
+        blocks = x.view(s, h, nb, page, d).permute(0, 2, 1, 3, 4)      # [S, nb, Hkv, page, D]
+        if layout == "token":
+            cache = torch.empty((s * nb, page, h, d), dtype=x.dtype, device=x.device)
+            cache.index_copy_(0, perm, blocks.transpose(2, 3).reshape(s * nb, page, h, d))
+        else:
+            cache = torch.empty((s * nb, h, page, d), dtype=x.dtype, device=x.device)
+            cache.index_copy_(0, perm, blocks.reshape(s * nb, h, page, d))
+            cache = cache.transpose(1, 2)
         caches.append(cache)
     return caches[0], caches[1], perm.view(s, nb).to(torch.int32)
 
@@ -217,12 +234,12 @@ class DecodeCase:
 
     @staticmethod
     def make(bs: int, ctx: int, hq: int, hkv: int, d: int, gen: torch.Generator,
-             dev: torch.device) -> "DecodeCase":
+             dev: torch.device, layout: str | None = None) -> "DecodeCase":
         kv_bytes = 2 * bs * ctx * hkv * d * 2
         copies = max(1, min(64, math.ceil(ROTATE_BYTES / kv_bytes)))
         k = torch.randn(copies * bs, hkv, ctx, d, dtype=torch.bfloat16, device=dev)
         v = torch.randn_like(k)
-        kc, vc, bt = paged_copy(k, v, gen)
+        kc, vc, bt = paged_copy(k, v, gen, layout=layout)
         q = torch.randn(copies, bs, hq, d, dtype=torch.bfloat16, device=dev)
         seq_lens = torch.full((bs,), ctx, dtype=torch.int32, device=dev)
         return DecodeCase(bs, ctx, k, v, kc, vc, bt, q, seq_lens, copies, d ** -0.5)
@@ -275,7 +292,9 @@ def _ragged_decode_check(s: Any, gen: torch.Generator) -> float:
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
     scale = sh.head_dim ** -0.5
     out = triton_attention.decode_attention(q, kc, vc, seq_lens, bt, scale)
-    return rel_err(out, reference.decode_attention(q.float(), kc.float(), vc.float(), seq_lens, bt, scale))
+    # the reference reads token-major blocks: .contiguous() re-lays a head-major cache
+    return rel_err(out, reference.decode_attention(q.float(), kc.float().contiguous(),
+                                                   vc.float().contiguous(), seq_lens, bt, scale))
 
 
 def _decode_combo(s: Any, bs: int, ctx: int, gen: torch.Generator) -> dict:
@@ -309,7 +328,7 @@ def _decode_combo(s: Any, bs: int, ctx: int, gen: torch.Generator) -> dict:
     rows2 = min(2, bs)
     sub = bt[:rows2].long().flatten()
     ref_err = rel_err(ours(0)[:rows2], reference.decode_attention(
-        q[0, :rows2].float(), kc[sub].float(), vc[sub].float(), seq_lens[:rows2],
+        q[0, :rows2].float(), kc[sub].float().contiguous(), vc[sub].float().contiguous(), seq_lens[:rows2],
         torch.arange(sub.numel(), device=dev, dtype=torch.int32).view(rows2, -1), scale))
     ours_ms, how = per_call_ms([lambda i=i: ours(i) for i in range(copies)], dev)
     row: dict[str, Any] = {
@@ -336,7 +355,8 @@ def part_decode_attention(s: Any) -> dict:
     gen = torch.Generator(device=s.dev).manual_seed(0)
     out: dict[str, Any] = {"ragged_rel_err_vs_reference": _ragged_decode_check(s, gen),
                            "shape": f"GQA {s.shapes.hq}/{s.shapes.hkv}, d={s.shapes.head_dim}, "
-                                    f"{s.shapes.dtype}, page {PAGE}", "rows": []}
+                                    f"{s.shapes.dtype}, page {PAGE}, {shipped_kv_layout()}-major blocks",
+                           "rows": []}
     for bs in s.shapes.decode_bs:
         for ctx in s.shapes.decode_ctx:
             if s.part_left() < 5:
@@ -443,7 +463,8 @@ def part_decode_step(s: Any) -> dict:
     ctx = sh.step_ctx
     per_seq = -(-(ctx + 1) // PAGE)
     nblocks = max(sh.step_bs) * per_seq
-    caches = allocate_kv_caches(cfg, nblocks, PAGE, sh.dtype, dev)
+    layout = shipped_kv_layout() if ops.name == "triton" else "token"
+    caches = allocate_kv_caches(cfg, nblocks, PAGE, sh.dtype, dev, layout)
     caches[0][0]._base.normal_()          # one buffer under every (k, v) view: random KV
     perm = torch.randperm(nblocks, generator=torch.Generator().manual_seed(0)).tolist()
     tables = {f"s{i}": perm[i * per_seq:(i + 1) * per_seq] for i in range(max(sh.step_bs))}

@@ -93,7 +93,7 @@ def main() -> int:
         return split_sweep(ta, hq, hkv, d, gen, dev, args.out)
     results = []
     for bs, ctx in SHAPES:
-        c = DecodeCase.make(bs, ctx, hq, hkv, d, gen, dev)
+        c = DecodeCase.make(bs, ctx, hq, hkv, d, gen, dev, layout="token")
         kh, vh = head_major(c.k_cache), head_major(c.v_cache)
         default_splits = ta.choose_num_splits(bs, hkv, ctx, dev)
 

@@ -130,16 +130,18 @@ def block_index(block_ids: Sequence[int] | Tensor, device: torch.device) -> Tens
 
 
 def single_buffer(kv_caches: Sequence[tuple[Tensor, Tensor]]) -> Tensor | None:
-    """The [L, 2, N, bs, Hkv, D] buffer every (k, v) is a view of, or None."""
-    base = kv_caches[0][0]._base
-    if base is None or base.dim() != 6 or tuple(base.shape[:2]) != (len(kv_caches), 2):
+    """The [L, 2, N, bs, Hkv, D] buffer every (k, v) is a view of, or None. With a
+    head-major cache (allocate_kv_caches(layout="head")) it is a strided view of the
+    [L, 2, N, Hkv, bs, D] allocation, so indexing it by block reads the same values."""
+    root = kv_caches[0][0]._base
+    if root is None or root.dim() != 6 or tuple(root.shape[:2]) != (len(kv_caches), 2):
         return None
-    for layer, kv in enumerate(kv_caches):
-        for i, t in enumerate(kv):
-            view = base[layer, i]
-            if t.data_ptr() != view.data_ptr() or t.shape != view.shape or t.stride() != view.stride():
-                return None
-    return base
+    for base in (root, root.transpose(3, 4)):
+        if all(t.data_ptr() == base[layer, i].data_ptr() and t.shape == base[layer, i].shape
+               and t.stride() == base[layer, i].stride()
+               for layer, kv in enumerate(kv_caches) for i, t in enumerate(kv)):
+            return base
+    return None
 
 
 def _check_range(kv_caches: Sequence[tuple[Tensor, Tensor]], layer_start: int, layer_end: int) -> None:

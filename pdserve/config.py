@@ -143,8 +143,14 @@ class CacheConfig:
     num_blocks: int | None = None
     memory_gb: float = 1.0
     enable_prefix_caching: bool = True
+    # Memory order of each block: "token" ([block_size, Hkv, D]), "head" ([Hkv,
+    # block_size, D], the GPU kernels' faster read) or "auto" (head on the Triton path,
+    # token otherwise). See pdserve.model.llama.allocate_kv_caches.
+    kv_layout: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.kv_layout not in ("auto", "token", "head"):
+            raise ValueError(f"kv_layout must be auto, token or head, got {self.kv_layout!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 2:

@@ -53,13 +53,15 @@ class LLM:
                  kv_cache_memory_gb: float = 1.0, enable_prefix_caching: bool = True,
                  max_num_seqs: int = 128, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, seed: int = 0,
-                 overlap_detokenize: bool | None = None, look_ahead: bool = False) -> None:
+                 overlap_detokenize: bool | None = None, look_ahead: bool = False,
+                 kv_layout: str = "auto") -> None:
         config = EngineConfig(
             model=resolve_model_dir(model), dtype=dtype, device=device, seed=seed,
             overlap_detokenize=overlap_detokenize, look_ahead=look_ahead,
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                               memory_gb=kv_cache_memory_gb,
-                              enable_prefix_caching=enable_prefix_caching),
+                              enable_prefix_caching=enable_prefix_caching,
+                              kv_layout=kv_layout),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens,
                                       max_model_len=max_model_len))

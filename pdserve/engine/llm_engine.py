@@ -69,6 +69,16 @@ class RequestOutput:
     error: str | None = None
 
 
+def resolve_kv_layout(layout: str, backend: str) -> str:
+    """CacheConfig.kv_layout -> "token" or "head". Head-major blocks are read by the
+    Triton kernels only: the torch reference and the C kernels index token-major ones."""
+    if layout == "auto":
+        return "head" if backend == "triton" else "token"
+    if layout == "head" and backend != "triton":
+        raise ValueError(f"kv_layout 'head' needs the triton attention backend, not {backend!r}")
+    return layout
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -88,8 +98,9 @@ class LLMEngine:
                            * mc.num_key_value_heads * mc.head_dim * elem)
         self.num_blocks = cc.blocks_for_budget(bytes_per_block)
         self.block_size = cc.block_size
+        self.kv_layout = resolve_kv_layout(cc.kv_layout, self.ops.name)
         self.kv_caches = allocate_kv_caches(mc, self.num_blocks, cc.block_size,
-                                            self.dtype, self.device)
+                                            self.dtype, self.device, self.kv_layout)
         self.pool = BlockPool(self.num_blocks, enable_caching=cc.enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)

@@ -576,19 +576,36 @@ def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.
     return 2 * config.num_hidden_layers * per_layer * torch.empty((), dtype=dtype).element_size()
 
 
+KV_LAYOUTS = ("token", "head")
+
+
 def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int,
-                       dtype: torch.dtype, device: torch.device | str) -> list[KVCache]:
-    """One (k_cache, v_cache) pair per layer, views into one zeroed buffer:
+                       dtype: torch.dtype, device: torch.device | str,
+                       layout: str = "token") -> list[KVCache]:
+    """One (k_cache, v_cache) pair per layer, views into one zeroed buffer. Every cache
+    is a [num_blocks, block_size, Hkv, D] tensor; `layout` sets its memory order:
 
-        kv: [num_layers, 2, num_blocks, block_size, Hkv, D]
-             layer l -> (kv[l, 0], kv[l, 1]), each contiguous
+        "token": kv [num_layers, 2, num_blocks, block_size, Hkv, D]
+                 layer l -> (kv[l, 0], kv[l, 1]), each contiguous
+        "head":  kv [num_layers, 2, num_blocks, Hkv, block_size, D]
+                 layer l -> (kv[l, 0], kv[l, 1]) with dims 1 and 2 swapped: one KV head's
+                 positions of a block are one contiguous run (block_size * D elements)
 
+    Kernels address the caches by strides, so both layouts run the same code; the GPU
+    decode kernel reads head-major blocks faster (benchmarks/RESULTS.md, "Session 14").
     One allocation keeps memory accounting simple and gives transports a single base
     pointer (CUDA IPC handle, registered buffer). Zeroed so that padding slots a kernel
     might read are finite.
     """
     if num_blocks < 1 or block_size < 1:
         raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
-    kv = torch.zeros((config.num_hidden_layers, 2, *kv_cache_shape(config, num_blocks, block_size)),
-                     dtype=dtype, device=device)
+    if layout not in KV_LAYOUTS:
+        raise ValueError(f"unknown KV layout {layout!r}; choose one of {KV_LAYOUTS}")
+    shape = kv_cache_shape(config, num_blocks, block_size)
+    if layout == "token":
+        kv = torch.zeros((config.num_hidden_layers, 2, *shape), dtype=dtype, device=device)
+    else:
+        n, bs, h, d = shape
+        kv = torch.zeros((config.num_hidden_layers, 2, n, h, bs, d), dtype=dtype,
+                         device=device).transpose(3, 4)
     return [(kv[l, 0], kv[l, 1]) for l in range(config.num_hidden_layers)]

@@ -26,9 +26,15 @@ def _source(device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(kv[l, 0], kv[l, 1]) for l in range(L)]
 
 
-def _d_caches(single_buffer: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if single_buffer:       # as pdserve.model.llama.allocate_kv_caches lays it out
+CACHE_KINDS = ("token", "head", "separate")
+
+
+def _d_caches(kind: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if kind == "token":     # as pdserve.model.llama.allocate_kv_caches lays it out
         kv = torch.zeros(L, 2, N_D, BS, H, D, dtype=DTYPE, device="cuda")
+        return [(kv[l, 0], kv[l, 1]) for l in range(L)]
+    if kind == "head":      # allocate_kv_caches(layout="head"): [.., Hkv, BS, D] memory order
+        kv = torch.zeros(L, 2, N_D, H, BS, D, dtype=DTYPE, device="cuda").transpose(3, 4)
         return [(kv[l, 0], kv[l, 1]) for l in range(L)]
     return [(torch.zeros(N_D, BS, H, D, dtype=DTYPE, device="cuda"),
              torch.zeros(N_D, BS, H, D, dtype=DTYPE, device="cuda")) for _ in range(L)]
@@ -45,19 +51,21 @@ def _worker(rank: int, conn_p: mpc.Connection, conn_d: mpc.Connection) -> None:
     from kv_transfer.ipc import IpcTransport, export_cache_handles
     from kv_transfer.layout import gather_blocks
     if rank == 1:                                           # D: export, wait, compare
-        for single in (True, False):
-            caches = _d_caches(single)
-            conn_d.send_bytes(export_cache_handles(caches))
+        for kind in CACHE_KINDS:
+            caches = _d_caches(kind)
+            blob = export_cache_handles(caches)
+            assert (b'"single_buffer": true' in blob) == (kind != "separate")
+            conn_d.send_bytes(blob)
             assert conn_d.recv_bytes() == b"copied"
             want = gather_blocks(_source("cuda"), 0, L, P_IDS)
             got = gather_blocks(caches, 0, L, D_IDS)
-            assert torch.equal(got, want), f"single_buffer={single}: D's blocks differ"
+            assert torch.equal(got, want), f"{kind} cache: D's blocks differ"
             untouched = [b for b in range(N_D) if b not in D_IDS]
             assert not gather_blocks(caches, 0, L, untouched).any(), "wrote outside the reservation"
             conn_d.send_bytes(b"checked")
         return
     src = _source("cuda")                                   # P
-    for single in (True, False):
+    for _kind in CACHE_KINDS:
         transport = IpcTransport()
         transport.attach("decode-0", conn_p.recv_bytes())
         handle = transport.open(_reservation(), "req", 1)
@@ -110,7 +118,7 @@ def _restart_worker(rank: int, conn_p: mpc.Connection, conn_d: mpc.Connection) -
     from kv_transfer.ipc import CACHE_ID_PARAM, IpcTransport, export_cache_handles
     from kv_transfer.layout import gather_blocks
     if rank == 1:
-        first, second = _d_caches(True), _d_caches(True)
+        first, second = _d_caches("head"), _d_caches("head")
         conn_d.send_bytes(export_cache_handles(first, "first"))
         conn_d.send_bytes(export_cache_handles(second, "second"))
         assert conn_d.recv_bytes() == b"copied"

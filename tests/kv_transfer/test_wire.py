@@ -85,6 +85,39 @@ def test_gather_scatter_moves_blocks_between_different_ids(dtype: torch.dtype) -
         scatter_blocks(dst, 0, 1, [0, 1], payload)
 
 
+def test_head_major_caches_move_the_same_values() -> None:
+    """A head-major cache (allocate_kv_caches(layout="head"), the CUDA engine's) has one
+    buffer under its views, and gathers and scatters the same logical payload as a
+    token-major one, so P and D of either layout exchange KV unchanged."""
+    from kv_transfer.layout import single_buffer
+    from pdserve.config import ModelConfig
+    from pdserve.model.llama import allocate_kv_caches
+    cfg = ModelConfig.from_dict(dict(architectures=["LlamaForCausalLM"], vocab_size=32,
+                                     hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    token = allocate_kv_caches(cfg, 10, 4, torch.float32, "cpu", "token")
+    head = allocate_kv_caches(cfg, 10, 4, torch.float32, "cpu", "head")
+    assert head[0][0].shape == token[0][0].shape == (10, 4, 2, 8)
+    assert head[0][0].stride() == (64, 8, 32, 1)            # [block, Hkv, page, D] in memory
+    for t, h in zip(token, head):
+        for a, b in zip(t, h):
+            a.normal_()
+            b.copy_(a)
+    base = single_buffer(head)
+    assert base is not None and base.shape == (3, 2, 10, 4, 2, 8)
+    want = gather_blocks(token, 0, 3, [7, 2, 9])
+    assert torch.equal(gather_blocks(head, 0, 3, [7, 2, 9], base), want)
+    assert torch.equal(gather_blocks(head, 0, 3, [7, 2, 9]), want)
+    dst = allocate_kv_caches(cfg, 12, 4, torch.float32, "cpu", "head")
+    scatter_blocks(dst, 0, 3, [0, 11, 4], want)
+    for l in range(3):
+        for kv in (0, 1):
+            for s, d in ((7, 0), (2, 11), (9, 4)):
+                assert torch.equal(dst[l][kv][d], token[l][kv][s])
+    assert not dst[1][0][1].any()
+    assert single_buffer([(token[0][0].clone(), token[0][1].clone())]) is None
+
+
 # --- crc --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("len_a,len_b", [(0, 5), (5, 0), (1, 1), (100, 3), (7, 123457), (1 << 20, 4 << 20)])

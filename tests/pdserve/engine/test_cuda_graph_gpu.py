@@ -91,13 +91,16 @@ def _decode_meta(lens: list[int], gen: torch.Generator):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_replay_matches_eager(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("dtype,layout", [(torch.float32, "token"), (torch.float32, "head"),
+                                          (torch.bfloat16, "head")])
+def test_replay_matches_eager(dtype: torch.dtype, layout: str) -> None:
+    """Graph replays give the eager logits, on token-major and head-major (the CUDA
+    engine's) KV blocks."""
     from pdserve.model.llama import allocate_kv_caches
     model = _tiny_model(dtype)
     cfg = model.config
-    kv_graph = allocate_kv_caches(cfg, NUM_BLOCKS, PAGE, dtype, "cuda")
-    kv_eager = allocate_kv_caches(cfg, NUM_BLOCKS, PAGE, dtype, "cuda")
+    kv_graph = allocate_kv_caches(cfg, NUM_BLOCKS, PAGE, dtype, "cuda", layout)
+    kv_eager = allocate_kv_caches(cfg, NUM_BLOCKS, PAGE, dtype, "cuda", layout)
     for (kg, vg), (ke, ve) in zip(kv_graph, kv_eager):  # the same "prompt" KV in both
         kg.normal_()
         vg.normal_()
@@ -162,9 +165,11 @@ def _step(runner, seqs, chunks: list[tuple[int, int]]) -> list[int]:
 
 @pytest.mark.gpu
 @needs_cuda
-def test_model_runner_replays_decode_steps_only() -> None:
+@pytest.mark.parametrize("graph_layout", ["token", "head"])
+def test_model_runner_replays_decode_steps_only(graph_layout: str) -> None:
     """ModelRunner with graphs vs without, greedy fp32: same tokens; prefill and mixed
-    steps run eagerly, pure-decode steps replay."""
+    steps run eagerly, pure-decode steps replay. The eager runner keeps token-major
+    blocks; the graph runner's are token- or head-major (the CUDA engine's)."""
     from pdserve.engine.runner import ModelRunner
     from pdserve.engine.sequence import Sequence
     from pdserve.model.llama import allocate_kv_caches
@@ -178,7 +183,8 @@ def test_model_runner_replays_decode_steps_only() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=64)
 
     def make(graph: bool):
-        kv = allocate_kv_caches(model.config, 100, PAGE, torch.float32, "cuda")
+        kv = allocate_kv_caches(model.config, 100, PAGE, torch.float32, "cuda",
+                                graph_layout if graph else "token")
         runner = ModelRunner(model, kv, PAGE, torch.device("cuda"), Sampler([], seed=0),
                              tables.__getitem__,
                              CudaGraphConfig(enabled=graph, max_batch_size=4, max_context_len=160))

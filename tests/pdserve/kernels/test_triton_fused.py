@@ -74,8 +74,9 @@ def test_rotary_on_views_of_a_fused_qkv(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("page", [8, 16])
-def test_rotary_write_kv_equals_rotary_then_write_kv(dtype: torch.dtype, page: int) -> None:
+@pytest.mark.parametrize("page,head_major", [(8, False), (16, False), (16, True)])
+def test_rotary_write_kv_equals_rotary_then_write_kv(dtype: torch.dtype, page: int,
+                                                     head_major: bool) -> None:
     """One launch for rotary and the KV write: q as rotary() gives it, and the cache as
     write_kv(rotated k, v) leaves it, bit for bit; a padding slot (-1) writes nothing."""
     from pdserve.kernels import triton_kv
@@ -89,20 +90,25 @@ def test_rotary_write_kv_equals_rotary_then_write_kv(dtype: torch.dtype, page: i
     slots = torch.tensor([3, page + 1, -1, 2 * page, 0], dtype=torch.int64, device=DEVICE)
     sentinel = rand(4, page, hkv, d, dtype=dtype, seed=7)   # any slot not written keeps it
     kc, vc = sentinel.clone(), sentinel.clone() * 2
-    want_kc, want_vc = kc.clone(), vc.clone()
+    if head_major:   # the same values in [block, Hkv, page, D] memory order
+        kc, vc = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (kc, vc))
+    # the expected cache is written token-major: the layouts must agree value for value
+    want_kc, want_vc = (x.clone(memory_format=torch.contiguous_format) for x in (kc, vc))
     got_q = triton_fused.rotary_write_kv(q, k, v, cos, sin, kc, vc, slots)
     want_q, rot_k = triton_fused.rotary(q, k, cos, sin)
     triton_kv.write_kv(rot_k, v.contiguous(), want_kc, want_vc, slots)
     assert torch.equal(got_q, want_q)
     assert torch.equal(kc, want_kc) and torch.equal(vc, want_vc)
-    flat = kc.view(-1, hkv, d)
+    flat = kc.reshape(-1, hkv, d)
     assert torch.equal(flat[page + 1], rot_k[1])                          # really written
     assert torch.equal(flat[5], sentinel.view(-1, hkv, d)[5])             # untouched slot
 
 
-def test_layers_take_the_fused_path_with_the_triton_backend() -> None:
+@pytest.mark.parametrize("layout", ["token", "head"])
+def test_layers_take_the_fused_path_with_the_triton_backend(layout: str) -> None:
     """A tiny Llama on the Triton ops (fused norms, rotary, SiLU) gives the logits of the
-    same weights on the torch reference ops (unfused), prefill and decode steps."""
+    same weights on the torch reference ops (unfused), prefill and decode steps, with
+    token-major or head-major KV blocks on the Triton side."""
     import importlib.util
     from pathlib import Path
     if DEVICE != "cpu":
@@ -126,7 +132,7 @@ def test_layers_take_the_fused_path_with_the_triton_backend() -> None:
         layer.self_attn.ops = triton_ops
     try:
         triton_fused.add_rms_norm = counting
-        got = run_steps(model)
+        got = run_steps(model, layout)
     finally:
         triton_fused.add_rms_norm = real
     # 2 norms per layer and the final one, per step

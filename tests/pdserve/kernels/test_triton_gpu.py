@@ -101,6 +101,46 @@ def test_prefill_parity_gpu(bs: int, max_len: int, page: int, hkv: int, g: int, 
     torch.testing.assert_close(got, reference.prefill_attention(*args), **TOL[dtype])
 
 
+def _head_major(x: torch.Tensor) -> torch.Tensor:
+    """The same [blocks, page, Hkv, D] values stored [blocks, Hkv, page, D], as the CUDA
+    engine allocates them (allocate_kv_caches(layout="head"))."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bs,max_len,page,hkv,g,d", [
+    (64, 8192, 16, 8, 4, 128),   # the shipped one-split 128-position tiles
+    (1, 8192, 16, 8, 4, 128),    # split-KV
+    (33, 3000, 32, 2, 8, 64),
+    (8, 2048, 16, 3, 3, 64),
+])
+def test_head_major_parity_gpu(bs: int, max_len: int, page: int, hkv: int, g: int, d: int,
+                               dtype: torch.dtype) -> None:
+    """Both attention kernels and the KV write on head-major blocks give the reference's
+    results on the token-major cache of the same values (compiled, serving sizes)."""
+    ctx = _ragged(bs, max_len, seed=bs + d)
+    qlens = [c if i % 3 == 0 else (1 if i % 3 == 1 else max(1, c // 3)) for i, c in enumerate(ctx)]
+    c = make_case(ctx, qlens, page=page, hkv=hkv, g=g, d=d, dtype=dtype)
+    kh, vh = _head_major(c["k_cache"]), _head_major(c["v_cache"])
+    assert kh.stride(1) == d
+    args = (c["q"], c["k_cache"], c["v_cache"], c["qsl"], c["seq_lens"], c["bt"], c["scale"])
+    got = triton_attention.prefill_attention(c["q"], kh, vh, *args[3:], c["max_q"])
+    torch.testing.assert_close(got, reference.prefill_attention(*args), **TOL[dtype])
+    q = torch.randn(bs, hkv * g, d, device="cuda", dtype=dtype)
+    dargs = (c["seq_lens"], c["bt"], c["scale"])
+    want = reference.decode_attention(q, c["k_cache"], c["v_cache"], *dargs)
+    for splits in (None, 1, 3):
+        got = triton_attention.decode_attention(q, kh, vh, *dargs, num_splits=splits)
+        torch.testing.assert_close(got, want, **TOL[dtype])
+    k = torch.randn(50, hkv, d, device="cuda", dtype=dtype)
+    slots = torch.randperm(kh.shape[0] * page, device="cuda")[:50]
+    slots[::5] = -1
+    triton_kv.write_kv(k, 2 * k, kh, vh, slots)
+    reference.write_kv(k, 2 * k, c["k_cache"], c["v_cache"], slots)
+    assert torch.equal(kh.nan_to_num(7.0), c["k_cache"].nan_to_num(7.0))
+    assert torch.equal(vh.nan_to_num(7.0), c["v_cache"].nan_to_num(7.0))
+
+
 def test_block_offsets_past_int32() -> None:
     """1M + 4k blocks of 16 x 1 x 128 fp16: 2.2e9 elements per cache, so the blocks used
     (the last ones) sit past element 2**31 and an int32 block offset would wrap."""

@@ -148,6 +148,35 @@ def test_prefill_parity(page: int, g: int, d: int, dtype: torch.dtype) -> None:
     torch.testing.assert_close(got, want, **TOL[dtype])
 
 
+def head_major(x: torch.Tensor) -> torch.Tensor:
+    """The same [blocks, page, Hkv, D] values in [blocks, Hkv, page, D] memory order, as
+    allocate_kv_caches(layout="head") lays out the GPU cache."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.parametrize("tiles", [None, (128, 4, 2)], ids=["default", "n128-s2"])
+@pytest.mark.parametrize("page,g,d,dtype", [(16, 4, 64, F32), (32, 3, 128, F16)],
+                         ids=["page16-g4-d64-f32", "page32-g3-d128-f16"])
+def test_head_major_blocks(page: int, g: int, d: int, dtype: torch.dtype, tiles: tuple | None) -> None:
+    """Both attention kernels read head-major blocks (only the strides differ) and give
+    the reference's output on the token-major cache of the same values."""
+    ctx = [1, page + 3, 130, 200]
+    c = make_case(ctx, [1] * len(ctx), page=page, hkv=2, g=g, d=d, dtype=dtype, seed=11)
+    hm = dict(c, k_cache=head_major(c["k_cache"]), v_cache=head_major(c["v_cache"]))
+    assert hm["k_cache"].stride(1) == d and not hm["k_cache"].is_contiguous()
+    m = c["meta"]
+    got = triton_attention.decode_attention(hm["q"], hm["k_cache"], hm["v_cache"], m.seq_lens,
+                                            m.block_tables, c["scale"], tiles=tiles)
+    want = reference.decode_attention(c["q"], c["k_cache"], c["v_cache"], m.seq_lens,
+                                      m.block_tables, c["scale"])
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    if tiles is None:   # prefill chunks over a cached prefix, on the same blocks
+        qlens = [1, page, 9, 40]
+        c = make_case(ctx, qlens, page=page, hkv=2, g=g, d=d, dtype=dtype, seed=12)
+        hm = dict(c, k_cache=head_major(c["k_cache"]), v_cache=head_major(c["v_cache"]))
+        torch.testing.assert_close(_prefill_pair(hm)[0], _prefill_pair(c)[1], **TOL[dtype])
+
+
 @pytest.mark.parametrize("qlens", [[1, 6, 1], [1, 1, 1]])
 def test_paged_attention_dispatch(qlens: list[int]) -> None:
     """Mixed steps go through the prefill kernel, pure decode through split-KV decode."""
@@ -178,8 +207,11 @@ def test_write_kv_parity(cache_dtype: torch.dtype) -> None:
     v_cache = torch.randn_like(k_cache)
     want_k, want_v = k_cache.clone(), v_cache.clone()
     reference.write_kv(k, v, want_k, want_v, slots)
+    hm_k, hm_v = head_major(k_cache), head_major(v_cache)
     triton_kv.write_kv(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    triton_kv.write_kv(k, v, hm_k, hm_v, slots)     # head-major blocks: the same values
+    assert torch.equal(hm_k, want_k) and torch.equal(hm_v, want_v)
 
 
 def test_wrappers_reject_bad_inputs() -> None:

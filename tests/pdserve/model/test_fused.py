@@ -49,10 +49,10 @@ def random_model(cfg: dict, seed: int = 0) -> CausalLM:
     return model
 
 
-def run_steps(model: CausalLM) -> list[torch.Tensor]:
+def run_steps(model: CausalLM, layout: str = "token") -> list[torch.Tensor]:
     """A mixed step (prefill of 7 and 5 tokens beside nothing cached) then a pure-decode
     step of both sequences, on a fresh cache; returns the logits of every token."""
-    kv = allocate_kv_caches(model.config, 8, BLOCK, torch.float32, "cpu")
+    kv = allocate_kv_caches(model.config, 8, BLOCK, torch.float32, "cpu", layout)
     tables = [[5, 2], [7, 0, 3]]
     g = torch.Generator().manual_seed(3)
     out = []
