@@ -16,18 +16,22 @@ from pdserve.kernels.metadata import AttentionMetadata
 
 def write_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
     """k, v: [num_tokens, num_kv_heads, head_dim]; caches: [num_blocks, block_size, Hkv, D];
-    slot_mapping: [num_tokens] int64. Slots < 0 are skipped (padding tokens)."""
+    slot_mapping: [num_tokens] int64. Slots < 0 are skipped (padding tokens). Any block
+    memory order (token- or head-major, see allocate_kv_caches): the oracle checks both."""
     nb, bs, h, d = k_cache.shape
-    flat_k = k_cache.view(nb * bs, h, d)
-    flat_v = v_cache.view(nb * bs, h, d)
     # A host read per call: free on CPU tensors (~12 us), a device sync on CUDA. The
     # serving GPU path (triton_kv) skips negative slots in-kernel; dropping this check
     # here needs a padding flag in the write_kv signature of both backends.
     if bool((slot_mapping < 0).any()):
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    flat_k.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    flat_v.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    if k_cache.is_contiguous() and v_cache.is_contiguous():   # token-major: one flat copy
+        k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+        return
+    blk, pos = slot_mapping // bs, slot_mapping % bs       # any strides: index_put_
+    k_cache[blk, pos] = k.to(k_cache.dtype)
+    v_cache[blk, pos] = v.to(v_cache.dtype)
 
 
 def gather_kv(cache: Tensor, block_table: Tensor, seq_len: int) -> Tensor:
@@ -149,9 +153,9 @@ def _gather_group(cache: Tensor, g: DecodeGroup, rows: int, buffers: dict, name:
     [rows, N, Hkv, D] copy)."""
     nb, bs, hkv, d = cache.shape
     if g.first >= 0:   # consecutive blocks (a lone sequence in a fresh pool): no copy
-        x = cache[g.first:g.first + g.nblk].view(1, g.nblk * bs, hkv, d)
+        x = cache[g.first:g.first + g.nblk].reshape(1, g.nblk * bs, hkv, d)  # view if token-major
         return x[:, :g.length].transpose(1, 2)
-    src = cache.reshape(nb, bs * hkv * d)
+    src = cache.reshape(nb, bs * hkv * d)   # a view of a token-major cache, else a copy
     n = g.blocks.numel()
     buf = buffers.get(name)
     if buf is None or buf.shape[0] < n or buf.dtype != cache.dtype or buf.device != cache.device:

@@ -174,3 +174,25 @@ def test_partition_trades_padding_against_call_count() -> None:
     assert reference._partition([4] * 10) == [(0, 10)]
     runs = reference._partition([1] * 20 + [400])
     assert runs == [(0, 20), (20, 21)]
+
+
+def test_reference_reads_and_writes_head_major_blocks() -> None:
+    """The oracle takes either block memory order (the CUDA engine's caches are
+    head-major): the same writes and the same attention as on token-major blocks."""
+    torch.manual_seed(0)
+    nb, bs, h, d = 12, 4, 3, 8
+    kc, vc = torch.randn(nb, bs, h, d), torch.randn(nb, bs, h, d)
+    hk, hv = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (kc, vc))
+    assert not hk.is_contiguous()
+    k, v = torch.randn(9, h, d), torch.randn(9, h, d)
+    slots = torch.tensor([0, 5, -1, 17, 30, 47, 3, -1, 22])
+    reference.write_kv(k, v, kc, vc, slots)
+    reference.write_kv(k, v, hk, hv, slots)
+    assert torch.equal(kc, hk) and torch.equal(vc, hv) and torch.equal(hk[7, 2], k[4])
+    q = torch.randn(3, 2 * h, d)
+    lens = torch.tensor([5, 13, 1], dtype=torch.int32)
+    tables = torch.tensor([[3, 4, 5, 6], [7, 1, 2, 0], [9, 0, 0, 0]], dtype=torch.int32)
+    for rows in (slice(0, 3), slice(0, 1)):      # a batch, and a lone in-order sequence
+        torch.testing.assert_close(
+            reference.decode_attention(q[rows], hk, hv, lens[rows], tables[rows], 0.3),
+            reference.decode_attention(q[rows], kc, vc, lens[rows], tables[rows], 0.3))
