@@ -70,8 +70,9 @@ class RequestOutput:
 
 
 def resolve_kv_layout(layout: str, backend: str) -> str:
-    """CacheConfig.kv_layout -> "token" or "head". Head-major blocks are read by the
-    Triton kernels only: the torch reference and the C kernels index token-major ones."""
+    """CacheConfig.kv_layout -> "token" or "head". Head-major blocks are for the Triton
+    kernels only: the C kernels index token-major blocks, and the torch reference (the
+    oracle) reads head-major ones through a copy of the whole cache per call."""
     if layout == "auto":
         return "head" if backend == "triton" else "token"
     if layout == "head" and backend != "triton":
