@@ -193,8 +193,9 @@ def paged_copy(k: torch.Tensor, v: torch.Tensor, gen: torch.Generator, page: int
     block table [S, L/page] int32. layout "token" stores each block [page, Hkv, D],
     "head" [Hkv, page, D] (a permuted view, as allocate_kv_caches lays it out); None:
     the engine's GPU layout."""
+    from pdserve.config import KV_LAYOUTS
     layout = layout or shipped_kv_layout()
-    if layout not in ("token", "head"):
+    if layout not in KV_LAYOUTS:
         raise ValueError(f"unknown KV layout {layout!r}")
     s, h, length, d = k.shape
     if length % page:
@@ -292,9 +293,7 @@ def _ragged_decode_check(s: Any, gen: torch.Generator) -> float:
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=dev)
     scale = sh.head_dim ** -0.5
     out = triton_attention.decode_attention(q, kc, vc, seq_lens, bt, scale)
-    # the reference reads token-major blocks: .contiguous() re-lays a head-major cache
-    return rel_err(out, reference.decode_attention(q.float(), kc.float().contiguous(),
-                                                   vc.float().contiguous(), seq_lens, bt, scale))
+    return rel_err(out, reference.decode_attention(q.float(), kc.float(), vc.float(), seq_lens, bt, scale))
 
 
 def _decode_combo(s: Any, bs: int, ctx: int, gen: torch.Generator) -> dict:
@@ -328,7 +327,7 @@ def _decode_combo(s: Any, bs: int, ctx: int, gen: torch.Generator) -> dict:
     rows2 = min(2, bs)
     sub = bt[:rows2].long().flatten()
     ref_err = rel_err(ours(0)[:rows2], reference.decode_attention(
-        q[0, :rows2].float(), kc[sub].float().contiguous(), vc[sub].float().contiguous(), seq_lens[:rows2],
+        q[0, :rows2].float(), kc[sub].float(), vc[sub].float(), seq_lens[:rows2],
         torch.arange(sub.numel(), device=dev, dtype=torch.int32).view(rows2, -1), scale))
     ours_ms, how = per_call_ms([lambda i=i: ours(i) for i in range(copies)], dev)
     row: dict[str, Any] = {

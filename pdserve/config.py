@@ -10,6 +10,9 @@ import torch
 
 Role = Literal["prefill", "decode", "both"]
 
+# Memory orders of a KV block (see pdserve.model.llama.allocate_kv_caches).
+KV_LAYOUTS = ("token", "head")
+
 # Hugging Face `architectures` entries we run, and the family each maps to.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -149,7 +152,7 @@ class CacheConfig:
     kv_layout: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.kv_layout not in ("auto", "token", "head"):
+        if self.kv_layout not in ("auto", *KV_LAYOUTS):
             raise ValueError(f"kv_layout must be auto, token or head, got {self.kv_layout!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")

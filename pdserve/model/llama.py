@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pdserve.config import ModelConfig
+from pdserve.config import KV_LAYOUTS, ModelConfig
 from pdserve.kernels.metadata import AttentionMetadata
 from pdserve.model.rope import RotaryEmbedding, apply_rotary, rotate
 
@@ -574,9 +574,6 @@ def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.
     """Bytes one block id costs across all layers, K and V (for sizing the pool)."""
     per_layer = block_size * config.num_key_value_heads * config.head_dim
     return 2 * config.num_hidden_layers * per_layer * torch.empty((), dtype=dtype).element_size()
-
-
-KV_LAYOUTS = ("token", "head")
 
 
 def allocate_kv_caches(config: ModelConfig, num_blocks: int, block_size: int,
