@@ -20,6 +20,7 @@ softmax on every tile. This probe times, with the inputs and timing of gpu_suite
     python benchmarks/decode_loop_probe.py --addressing    # paged vs block ids 1-2 tiles ahead vs dense
     python benchmarks/decode_loop_probe.py --ab [--shapes 128x512,64x512] [--reps 3] [--splits 1,2,4] [--tiles 128x4x2]
     python benchmarks/decode_loop_probe.py --pages [--shapes ...] [--head-major]  # pages 16-128
+    python benchmarks/decode_loop_probe.py --grid [--shapes ...] [--reps 4]  # heads-first grid, evict_first
     TRITON_INTERPRET=1 python benchmarks/decode_loop_probe.py --check   # CPU, small shapes
 
 The answer goes into benchmarks/RESULTS.md.
@@ -601,6 +602,46 @@ def pages(out_path: str, reps: int, shapes: list | None = None, head_major: bool
     return 0
 
 
+def grid(out_path: str, reps: int, shapes: list | None = None) -> int:
+    """The shipped kernel with its grid in the shipped order (sequences fastest) and with a
+    sequence's kv heads as adjacent programs (heads_first: programs that run side by side
+    then read neighbouring 4 KiB runs of the same head-major blocks), each with the K/V
+    loads' default and evict_first L2 policy; and both orders at page 64. Every
+    config timed `reps` times in rounds interleaved with SDPA."""
+    from gpu_suite_parts import paged_copy, shipped_kv_layout
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    layout = shipped_kv_layout()
+    results = []
+    for c, us, ref, row in _cases(shapes or [(32, 4096), (32, 32768), (128, 4096), (128, 32768),
+                                             (128, 512), (8, 512), (8, 4096), (1, 32768)], "grid order"):
+        bs = c.bs
+        caches = {16: (c.k_cache, c.v_cache, None)}
+        caches[64] = paged_copy(c.k, c.v, gen, 64, layout)
+        configs = [(16, hf, ev) for hf in (False, True) for ev in ("", "evict_first")]
+        configs += [(64, hf, "") for hf in (False, True)]
+
+        def call(cfg, i):
+            page, hf, ev = cfg
+            kc, vc, bt = caches[page]
+            tables = c.tables(i) if bt is None else bt[i * bs:(i + 1) * bs]
+            return ta.decode_attention(c.q[i], kc, vc, c.seq_lens, tables, c.scale,
+                                       max_seq_len=c.ctx, heads_first=hf, evict=ev)
+
+        errs, times, sdpa = _interleaved(configs, call, us, c.sdpa, ref, reps)
+        s_us = _median(sdpa)
+        row["runs"] = [{"page": p, "heads_first": hf, "evict": ev, "us": _median(times[(p, hf, ev)]),
+                        "err": errs[(p, hf, ev)]} for (p, hf, ev) in configs]
+        row["sdpa_us"] = s_us
+        cells = " | ".join(f"p{r['page']}{' hf' if r['heads_first'] else ''}"
+                           f"{' ev' if r['evict'] else ''} {s_us / r['us']:.3f}" for r in row["runs"])
+        print(f"bs {bs:4d} ctx {c.ctx:6d}: SDPA {s_us:8.1f} us | xSDPA {cells} | max err "
+              f"{max(r['err'] for r in row['runs']):.1e}", flush=True)
+        results.append(row)
+        del caches
+        _save(out_path, results)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="")
@@ -616,6 +657,8 @@ def main() -> int:
     ap.add_argument("--pages", action="store_true",
                     help="the shipped kernel on K/V paged at 16, 32, 64 and 128 positions a block")
     ap.add_argument("--head-major", action="store_true", help="--pages only: blocks stored [Hkv, page, D]")
+    ap.add_argument("--grid", action="store_true",
+                    help="grid order (heads first) and evict_first K/V loads, interleaved repeats")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--splits", default="", help="--ab only: split counts to add, e.g. 1,2,4,8")
     ap.add_argument("--tiles", default="", help="--ab only: BLOCK_NxWARPSxSTAGES,... (e.g. 128x4x2)")
@@ -634,6 +677,8 @@ def main() -> int:
                   [tuple(int(y) for y in t.split("x")) for t in args.tiles.split(",")] if args.tiles else None)
     if args.pages:
         return pages(args.out, args.reps, shapes, args.head_major)
+    if args.grid:
+        return grid(args.out, args.reps, shapes)
     from gpu_suite_parts import rel_err
     modes = [(t, u) for t in (False, True) for u in (False, True)]
     tiles = list(itertools.product((64, 128), (4, 8), (2, 3, 4)))

@@ -43,6 +43,9 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 # 128 positions (1.8 TB/s vs 0.2 unsplit); shorter splits only add merge traffic.
 _MIN_TOKENS_PER_SPLIT = 128
 _MAX_SPLITS = 32
+# Decode grid order and K/V eviction policy (decode_attention's heads_first / evict).
+_HEADS_FIRST = False
+_EVICT = ""
 
 
 @triton.jit
@@ -78,21 +81,23 @@ def load_group_q(q_ptr, b64, kvh, stride_qb, stride_qh, G: tl.constexpr, BLOCK_G
 
 @triton.jit
 def _decode_tile(q, k_ptr, v_ptr, kv, pmask, m_i, l_i, acc, scale_log2, offs_d, dmask,
-                 MASKED: tl.constexpr, DMASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 MASKED: tl.constexpr, DMASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 EVICT: tl.constexpr = ""):
     """One online-softmax step of the decode kernel over one tile: kv [BLOCK_N] holds the
     element offsets of its positions. MASKED: positions outside `pmask` are skipped (the
-    context's ragged last tile); DMASK: the head dim is padded to BLOCK_D."""
+    context's ragged last tile); DMASK: the head dim is padded to BLOCK_D. EVICT: the K/V
+    loads' L2 eviction policy ("" = the default)."""
     ptr = kv[:, None] + offs_d[None, :]
     if MASKED:
         tmask = pmask[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + ptr, mask=tmask, other=0.0)  # [BLOCK_N, BLOCK_D]
-        v = tl.load(v_ptr + ptr, mask=tmask, other=0.0)
+        k = tl.load(k_ptr + ptr, mask=tmask, other=0.0, eviction_policy=EVICT)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_ptr + ptr, mask=tmask, other=0.0, eviction_policy=EVICT)
     elif DMASK:
-        k = tl.load(k_ptr + ptr, mask=dmask[None, :], other=0.0)
-        v = tl.load(v_ptr + ptr, mask=dmask[None, :], other=0.0)
+        k = tl.load(k_ptr + ptr, mask=dmask[None, :], other=0.0, eviction_policy=EVICT)
+        v = tl.load(v_ptr + ptr, mask=dmask[None, :], other=0.0, eviction_policy=EVICT)
     else:
-        k = tl.load(k_ptr + ptr)
-        v = tl.load(v_ptr + ptr)
+        k = tl.load(k_ptr + ptr, eviction_policy=EVICT)
+        v = tl.load(v_ptr + ptr, eviction_policy=EVICT)
     # Padding rows of the group (g >= G) cost tensor-core work only, and decode is
     # bound by K/V bytes: on an H100 this padded dot beat a broadcast-multiply-sum
     # even at G=1 (3.0 vs 2.2 TB/s, bf16).
@@ -120,10 +125,18 @@ def _decode_split_kernel(
     ONE_SPLIT: tl.constexpr,      # write the normalised output directly, no scratch/reduce
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs so fp32 does not silently drop to tf32
     PDL: tl.constexpr,            # programmatic dependent launch (kernels/pdl.py)
+    HEADS_FIRST: tl.constexpr = False,  # grid (Hkv, B, splits): a sequence's kv heads run side by side
+    EVICT: tl.constexpr = "",     # K/V loads' L2 eviction policy
 ):
     pdl_prologue(PDL)
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if HEADS_FIRST:
+        kvh = tl.program_id(0)
+        b = tl.program_id(1)
+        num_kv_heads = tl.num_programs(0)
+    else:
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        num_kv_heads = tl.num_programs(1)
     split = tl.program_id(2)
     if ONE_SPLIT:
         start = 0
@@ -161,12 +174,12 @@ def _decode_split_kernel(
         nxt = pos + BLOCK_N
         blk = tl.load(bt_row + nxt // PAGE, mask=nxt < end, other=0)
         m_i, l_i, acc = _decode_tile(q, k_ptr, v_ptr, kv, nxt < end, m_i, l_i, acc, scale_log2,
-                                     offs_d, dmask, False, BLOCK_D != HEAD_DIM, DOT_PRECISION)
+                                     offs_d, dmask, False, BLOCK_D != HEAD_DIM, DOT_PRECISION, EVICT)
     if full_end < end:
         pos = full_end + offs_n
         kv = blk.to(tl.int64) * stride_cb + (pos % PAGE) * stride_cs + head_off
         m_i, l_i, acc = _decode_tile(q, k_ptr, v_ptr, kv, pos < end, m_i, l_i, acc, scale_log2,
-                                     offs_d, dmask, True, BLOCK_D != HEAD_DIM, DOT_PRECISION)
+                                     offs_d, dmask, True, BLOCK_D != HEAD_DIM, DOT_PRECISION, EVICT)
 
     if ONE_SPLIT:
         # l_i == 0 only for an empty context (a padded batch slot): write zeros, not NaN.
@@ -175,7 +188,7 @@ def _decode_split_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :])
     else:
         # Scratch is contiguous [B, Hq, num_splits(, HEAD_DIM)].
-        num_heads = tl.num_programs(1) * G
+        num_heads = num_kv_heads * G
         row = (b64 * num_heads + heads) * num_splits + split  # [BLOCK_G]
         tl.store(part_m_ptr + row, m_i, mask=gmask)
         tl.store(part_l_ptr + row, l_i, mask=gmask)
@@ -414,14 +427,17 @@ def reduce_splits(part_m: Tensor, part_l: Tensor, part_acc: Tensor, out: Tensor)
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tensor,
                      block_tables: Tensor, scale: float, num_splits: int | None = None,
                      max_seq_len: int | None = None,
-                     tiles: tuple[int, int, int | None] | None = None) -> Tensor:
+                     tiles: tuple[int, int, int | None] | None = None,
+                     heads_first: bool | None = None, evict: str | None = None) -> Tensor:
     """One query token per sequence. q: [B, Hq, D]; caches [num_blocks, page, Hkv, D];
     seq_lens: [B]; block_tables: [B, max_blocks]. Returns [B, Hq, D] in q's dtype.
 
     num_splits=None picks one from max_seq_len (read from seq_lens, a host sync, when not
     given), batch and SM count; pass it explicitly for CUDA-graph capture. A sequence of
     length 0 (a padded batch slot) gets zeros. `tiles` = (BLOCK_N, num_warps, num_stages
-    or None for Triton's default) overrides _decode_tiles (benchmarks/decode_attention_sweep.py)."""
+    or None for Triton's default) overrides _decode_tiles (benchmarks/decode_attention_sweep.py);
+    heads_first (grid order: a sequence's kv heads as adjacent programs) and evict (the K/V
+    loads' eviction policy) override _HEADS_FIRST and _EVICT (decode_loop_probe.py --grid)."""
     hq, hkv, d, page = _check_paged(q, k_cache, v_cache, seq_lens, block_tables)
     bsz = q.shape[0]
     if seq_lens.shape[0] != bsz:
@@ -443,13 +459,16 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, seq_lens: Tens
     one = num_splits == 1
     part_m, part_l, part_acc = split_scratch(out, num_splits)
     seq_lens = seq_lens.contiguous()
-    _decode_split_kernel[(bsz, hkv, num_splits)](
+    heads_first = _HEADS_FIRST if heads_first is None else heads_first
+    grid = (hkv, bsz, num_splits) if heads_first else (bsz, hkv, num_splits)
+    _decode_split_kernel[grid](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_m, part_l, part_acc,
         scale * _LOG2E, num_splits, block_tables.shape[1],
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         G=g, HEAD_DIM=d, PAGE=page, BLOCK_G=max(16, triton.next_power_of_2(g)),
         BLOCK_N=block_n, BLOCK_D=block_d, ONE_SPLIT=one, DOT_PRECISION=_dot_precision(q.dtype),
+        HEADS_FIRST=heads_first, EVICT=_EVICT if evict is None else evict,
         num_warps=num_warps, **extra, **launch_args(q.device),
     )
     if not one:

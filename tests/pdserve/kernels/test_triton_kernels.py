@@ -59,12 +59,12 @@ def make_case(ctx_lens: list[int], q_lens: list[int], *, page: int, hkv: int, g:
                 meta=meta, scale=d ** -0.5)
 
 
-def _decode_pair(c: dict, num_splits: int | None,
-                 tiles: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _decode_pair(c: dict, num_splits: int | None, tiles: tuple | None = None,
+                 **grid) -> tuple[torch.Tensor, torch.Tensor]:
     m = c["meta"]
     got = triton_attention.decode_attention(c["q"], c["k_cache"], c["v_cache"], m.seq_lens,
                                             m.block_tables, c["scale"], num_splits=num_splits,
-                                            tiles=tiles)
+                                            tiles=tiles, **grid)
     want = reference.decode_attention(c["q"], c["k_cache"], c["v_cache"], m.seq_lens,
                                       m.block_tables, c["scale"])
     return got, want
@@ -103,6 +103,16 @@ def test_decode_split_kv(num_splits: int) -> None:
     # 7 splits of a 1-token or 50-token context leave empty splits the merge must ignore.
     c = make_case([1, 50, 130], [1, 1, 1], page=16, hkv=1, g=4, d=64, dtype=torch.float32, seed=1)
     got, want = _decode_pair(c, num_splits=num_splits)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("heads_first,evict", [(True, ""), (False, "evict_first"), (True, "evict_first")])
+def test_decode_grid_order_and_eviction(num_splits: int, heads_first: bool, evict: str) -> None:
+    # Both grid orders map every (sequence, kv head, split) program to its own rows and
+    # partials: with 3 kv heads and 3 sequences a swapped index writes another head's rows.
+    c = make_case([5, 40, 130], [1, 1, 1], page=16, hkv=3, g=2, d=64, dtype=torch.float32, seed=9)
+    got, want = _decode_pair(c, num_splits=num_splits, heads_first=heads_first, evict=evict)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
 
 
