@@ -129,8 +129,11 @@ def test_head_major_parity_gpu(bs: int, max_len: int, page: int, hkv: int, g: in
     q = torch.randn(bs, hkv * g, d, device="cuda", dtype=dtype)
     dargs = (c["seq_lens"], c["bt"], c["scale"])
     want = reference.decode_attention(q, c["k_cache"], c["v_cache"], *dargs)
-    for splits in (None, 1, 3):
-        got = triton_attention.decode_attention(q, kh, vh, *dargs, num_splits=splits)
+    # The shipped grid order and eviction policy, then both orders with either policy.
+    for splits, order, evict in ((None, None, None), (1, None, None), (3, None, None),
+                                 (None, True, ""), (1, False, "evict_first"), (3, True, "evict_first")):
+        got = triton_attention.decode_attention(q, kh, vh, *dargs, num_splits=splits,
+                                                heads_first=order, evict=evict)
         torch.testing.assert_close(got, want, **TOL[dtype])
     k = torch.randn(50, hkv, d, device="cuda", dtype=dtype)
     slots = torch.randperm(kh.shape[0] * page, device="cuda")[:50]
