@@ -51,6 +51,7 @@ from torch import Tensor
 
 from kv_transfer.base import KVSendHandle, KVTransport, SendSummary, TransferError, register
 from kv_transfer.layout import single_buffer
+from pdserve.host_copy import to_device
 from pdserve.v1 import kv_pb2, worker_pb2
 
 if TYPE_CHECKING:
@@ -245,7 +246,7 @@ class IpcSendHandle(KVSendHandle):
             raise TransferError(f"reservation block ids {ids[:8]}... are not unique ids below "
                                 f"{num_blocks}", kv_pb2.KV_STATUS_INVALID)
         # non_blocking: no stream sync on the caller's (asyncio) thread, see layout.block_index
-        self._ids = torch.tensor(ids, dtype=torch.long).to(cache.device, non_blocking=True)
+        self._ids = to_device(ids, torch.long, cache.device)
         self._lease_ms = reservation.lease_expiry_unix_ms
         self._event: torch.cuda.Event | None = None
         self._bytes = 0

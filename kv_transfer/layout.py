@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from kv_transfer.base import KV_PAYLOAD_LAYOUT, TransferError
+from pdserve.host_copy import to_device
 from pdserve.v1 import kv_pb2
 
 logger = logging.getLogger(__name__)
@@ -123,10 +124,8 @@ def block_index(block_ids: Sequence[int] | Tensor, device: torch.device) -> Tens
     for the GPU once per layer of every prompt (and, with two processes on one GPU, hand the GPU to
     the other process each time). The source is pageable memory, which CUDA stages
     before the call returns, so the CPU list may go away at once."""
-    if isinstance(block_ids, Tensor):
-        return block_ids.to(device=device, dtype=torch.long, non_blocking=True)
-    idx = torch.tensor(list(block_ids), dtype=torch.long)
-    return idx if device.type == "cpu" else idx.to(device, non_blocking=True)
+    return to_device(block_ids if isinstance(block_ids, Tensor) else list(block_ids),
+                     torch.long, device)
 
 
 def single_buffer(kv_caches: Sequence[tuple[Tensor, Tensor]]) -> Tensor | None:

@@ -17,7 +17,9 @@ How this works, per step, for a batch of n rows:
 
 Fast path: a batch that is all greedy with no penalties, no min_tokens masking and no
 logprobs is a single argmax. Everything else touches only the rows that need it, and the
-host sees one .tolist() at the end.
+host sees one .tolist() at the end. Per-row values and row indices reach the device by
+non-blocking copies (pdserve/host_copy.py), so launch() queues the sampling behind the
+forward pass without waiting for it.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pdserve.host_copy import select_rows, to_device
 from pdserve.sampling.params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -104,9 +107,9 @@ def filter_logits(logits: Tensor, top_k: Sequence[int], top_p: Sequence[float],
     dev = logits.device
     out = logits
     if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
-        k = torch.tensor([min(kk, vocab) if kk > 0 else vocab for kk in top_k],
-                         dtype=torch.int64, device=dev)                 # [m]
-        p = torch.tensor(top_p, dtype=torch.float32, device=dev)       # [m]
+        k = to_device([min(kk, vocab) if kk > 0 else vocab for kk in top_k],
+                      torch.int64, dev)                                 # [m]
+        p = to_device(top_p, torch.float32, dev)                        # [m]
         srt, idx = logits.sort(dim=-1, descending=True)                 # [m, V] each
         kth = srt.gather(1, (k - 1).unsqueeze(1))                       # [m, 1]
         # Sorted order is monotone, so "< kth" drops a suffix and keeps ties at the k-th.
@@ -118,7 +121,7 @@ def filter_logits(logits: Tensor, top_k: Sequence[int], top_p: Sequence[float],
         srt = srt.masked_fill(drop, float("-inf"))
         out = torch.empty_like(logits).scatter_(1, idx, srt)
     if any(mp > 0 for mp in min_p):
-        mp_t = torch.tensor(min_p, dtype=torch.float32, device=dev)     # [m]
+        mp_t = to_device(min_p, torch.float32, dev)                     # [m]
         probs = out.softmax(dim=-1)                                     # [m, V]
         thresh = mp_t.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)   # [m, 1]
         out = out.masked_fill(probs < thresh, float("-inf"))
@@ -155,19 +158,25 @@ class Sampler:
         if not (lp_rows or pen_rows or mask_rows or rand_rows):
             return PendingSample(self, logits.argmax(dim=-1), None, [], rows)
 
-        raw_lp = torch.log_softmax(logits[lp_rows], dim=-1) if lp_rows else None  # [l, V]
+        raw_lp = (torch.log_softmax(select_rows(logits, lp_rows), dim=-1)
+                  if lp_rows else None)                                 # [l, V]
         x = logits
         if pen_rows:
-            x = x.clone()
-            x[pen_rows] = apply_penalties(x[pen_rows], [rows[i] for i in pen_rows])
+            pen = apply_penalties(select_rows(x, pen_rows), [rows[i] for i in pen_rows])
+            x = pen if len(pen_rows) == n else x.index_copy(
+                0, to_device(pen_rows, torch.int64, dev), pen)
         if mask_rows:
             x = x.clone() if x is logits else x
-            ri = torch.tensor(mask_rows, device=dev)                    # [k] int64
-            ci = torch.tensor(mask_cols, device=dev)                    # [k] int64
-            x[ri, ci] = float("-inf")
-        tokens = x.argmax(dim=-1)                                       # [n] int64
-        if rand_rows:
-            tokens[rand_rows] = self._sample(x[rand_rows], [rows[i] for i in rand_rows])
+            ri = to_device(mask_rows, torch.int64, dev)                 # [k]
+            ci = to_device(mask_cols, torch.int64, dev)                 # [k]
+            x.index_put_((ri, ci), x.new_full((), float("-inf")))
+        if len(rand_rows) == n:
+            tokens = self._sample(x, rows)                              # [n] int64
+        else:
+            tokens = x.argmax(dim=-1)                                   # [n] int64
+            if rand_rows:
+                tokens.index_copy_(0, to_device(rand_rows, torch.int64, dev),
+                                   self._sample(select_rows(x, rand_rows), [rows[i] for i in rand_rows]))
         return PendingSample(self, tokens, raw_lp, lp_rows, rows)
 
     # -- steps -------------------------------------------------------------------------
@@ -203,8 +212,9 @@ class Sampler:
         if len(unseeded) == m:
             q.exponential_(generator=self._generator(dev))
         elif unseeded:
-            q[unseeded] = torch.empty(len(unseeded), vocab, device=dev).exponential_(
-                generator=self._generator(dev))
+            q.index_copy_(0, to_device(unseeded, torch.int64, dev),
+                          torch.empty(len(unseeded), vocab, device=dev).exponential_(
+                              generator=self._generator(dev)))
         # q can be exactly 0 on some backends; 0/0 would be NaN and win the argmax.
         q.clamp_min_(torch.finfo(q.dtype).tiny)
         return (probs / q).argmax(dim=-1)
@@ -216,7 +226,7 @@ class Sampler:
             return [SampleResult(t, None, None) for t in tokens.tolist()]
         vocab = raw_lp.shape[1]
         top_n = min(vocab, max(rows[i].params.logprobs or 0 for i in lp_rows))
-        sel = tokens[lp_rows].unsqueeze(1)                                   # [l, 1]
+        sel = select_rows(tokens, lp_rows).unsqueeze(1)                      # [l, 1]
         sampled_lp = raw_lp.gather(1, sel).squeeze(1)                        # [l]
         top_v, top_i = raw_lp.topk(top_n, dim=-1)                            # [l, top_n] each
         # One host sync: token ids (< 2**53) and float32 logprobs are exact in float64.
@@ -261,9 +271,9 @@ def _padded(lists: Sequence[Sequence[int]], pad: int, device: torch.device) -> T
     """Ragged int lists -> [m, max(len, 1)] int64, padded with `pad`."""
     width = max(1, max(len(x) for x in lists))
     data = [list(x) + [pad] * (width - len(x)) for x in lists]
-    return torch.tensor(data, dtype=torch.int64, device=device)
+    return to_device(data, torch.int64, device)
 
 
 def _col(values: list[float], like: Tensor) -> Tensor:
     """Per-row scalars as a [m, 1] column matching `like`'s dtype and device."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
+    return to_device(values, like.dtype, like.device).unsqueeze(1)

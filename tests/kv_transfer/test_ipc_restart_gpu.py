@@ -18,35 +18,16 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _tiny_model(path: Path) -> None:
-    """A small random Llama with a byte-level BPE of 300 ids, saved as HF files."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                      max_position_embeddings=1024, eos_token_id=0, bos_token_id=0)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["pdserve ipc restart test"] * 8,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|eos|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>").save_pretrained(path)
-
-
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.timeout(600)
-def test_a_restarted_decode_worker_is_served_through_its_new_cache(tmp_path: Path) -> None:
+def test_a_restarted_decode_worker_is_served_through_its_new_cache(tiny_llama_dir: str) -> None:
     ray = pytest.importorskip("ray")
     from pdserve.cluster import deploy_ray, init_ray
     from pdserve.sampling.params import SamplingParams
     from pdserve.worker_spec import WorkerSpec
     from router.core import GenerateInput, RouterConfig
 
-    _tiny_model(tmp_path)
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)   # actors import the repo
     init_ray(num_cpus=4, num_gpus=1, include_dashboard=False, ignore_reinit_error=True,
@@ -54,7 +35,7 @@ def test_a_restarted_decode_worker_is_served_through_its_new_cache(tmp_path: Pat
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 290) for _ in range(n)] for n in (40, 75, 130)]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    base = WorkerSpec(worker_id="", role="both", model=str(tmp_path), dtype="bfloat16",
+    base = WorkerSpec(worker_id="", role="both", model=tiny_llama_dir, dtype="bfloat16",
                       device="cuda", kv_cache_gb=0.5, enable_prefix_caching=False,
                       max_num_seqs=8, max_num_batched_tokens=512, max_model_len=512,
                       transport="ipc")

@@ -1,0 +1,31 @@
+"""Host values to the device without the host waiting for the device.
+
+A blocking host->device copy (``torch.tensor(values, device="cuda")``, ``.to("cuda")``,
+indexing a CUDA tensor with a Python list) synchronizes the stream: issued while a
+forward pass is queued, it makes the host wait for all of it, so the host can no longer
+prepare or launch anything beside the GPU. A non-blocking copy from pageable memory is
+staged by the driver before the call returns, so the host values may go away at once.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def to_device(data: Sequence | Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """`data` (a list, nested lists, or a CPU tensor) as a `dtype` tensor on `device`."""
+    t = data.to(dtype) if isinstance(data, Tensor) else torch.tensor(data, dtype=dtype)
+    if t.device == device:
+        return t
+    # non_blocking only towards the device: a device->host copy must be complete on return
+    return t.to(device, non_blocking=t.device.type == "cpu")
+
+
+def select_rows(x: Tensor, rows: Sequence[int]) -> Tensor:
+    """x[rows] along dim 0 (a copy, or x itself when rows are all of x's rows in order),
+    with the index moved as to_device does."""
+    if len(rows) == x.shape[0] and all(i == r for i, r in enumerate(rows)):
+        return x
+    return x.index_select(0, to_device(list(rows), torch.int64, x.device))
