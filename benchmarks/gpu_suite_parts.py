@@ -428,15 +428,18 @@ def random_causal_lm(cfg_dict: dict, dtype: torch.dtype, dev: torch.device, ops:
     return model
 
 
-def _decode_batch(bs: int, ctx: int, token_range: tuple[int, int]) -> Any:
-    """A SchedulerOutput of bs decoding sequences with ctx tokens of KV each (random ids)."""
+def _decode_batch(bs: int, ctx: int, token_range: tuple[int, int], sampled: bool = False) -> Any:
+    """A SchedulerOutput of bs decoding sequences with ctx tokens of KV each (random ids);
+    greedy, or sampled: temperature 0.8, top-p 0.9, no seed (one draw for the batch)."""
     from pdserve.engine.scheduler import ScheduledSeq, SchedulerOutput
     from pdserve.engine.sequence import Sequence, SeqStatus
     from pdserve.sampling.params import SamplingParams
     rng = random.Random(bs)
-    params = SamplingParams(max_tokens=1 << 20, temperature=0.0, ignore_eos=True)
     seqs = []
     for i in range(bs):
+        params = SamplingParams(max_tokens=1 << 20, ignore_eos=True,
+                                **(dict(temperature=0.8, top_p=0.9) if sampled
+                                   else dict(temperature=0.0)))
         seq = Sequence(f"s{i}", [rng.randrange(*token_range) for _ in range(ctx)], params,
                        status=SeqStatus.RUNNING)
         seq.tokens.append(rng.randrange(*token_range))
@@ -516,10 +519,17 @@ def part_decode_step(s: Any) -> dict:
         step_ms = median_ms(lambda: runner.execute(batch), dev, target_s=0.4, max_iters=20)
         ahead_ms = _look_ahead_step_ms(runner, batch)
         fwd_ms = median_ms(forward, dev, target_s=0.3, max_iters=20)
+        # The same step with every row sampled (temperature 0.8, top-p 0.9): what
+        # sampling adds, and whether the look-ahead still overlaps it (the sampler queues
+        # its work without waiting for the GPU).
+        sampled = _decode_batch(bs, ctx, sh.token_range, sampled=True)
+        sampled_ms = median_ms(lambda: runner.execute(sampled), dev, target_s=0.3, max_iters=20)
+        sampled_ahead_ms = _look_ahead_step_ms(runner, sampled, steps=20)
         roof_s = (weights_read + bs * (ctx + 1) * kv_per_token) / s.copy_bw if s.copy_bw else None
         row = {"bs": bs, "runner_step_ms": step_ms, "runner_tok_s": bs / step_ms * 1e3,
                "runner_used_graph": graphs is not None and graphs.num_replays > replays,
-               "eager_forward_ms": fwd_ms, "look_ahead_step_ms": ahead_ms}
+               "eager_forward_ms": fwd_ms, "look_ahead_step_ms": ahead_ms,
+               "sampled_step_ms": sampled_ms, "sampled_look_ahead_step_ms": sampled_ahead_ms}
         if roof_s:
             row.update(roofline_ms=roof_s * 1e3, roofline_tok_s=bs / roof_s,
                        runner_pct_roofline=100 * roof_s * 1e3 / step_ms,
