@@ -614,21 +614,16 @@ def ensure_model_dir(s: Any) -> Path:
     path = s.workdir / "serve-model"
     if (path / "config.json").is_file() and s.hf_model is not None:
         return path
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pdserve.tokenizer import write_byte_level_bpe
     cfg = {k: v for k, v in s.shapes.serve_model.items() if k != "architectures"}
     torch.manual_seed(0)
     with torch.device(s.dev):
         hf = LlamaForCausalLM(LlamaConfig(**cfg))
     hf = hf.to(s.shapes.dtype).eval()
     hf.save_pretrained(path)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["pdserve gpu suite: a benchmark tokenizer, not a real one"] * 8,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|eos|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>").save_pretrained(path)
+    write_byte_level_bpe(path, "pdserve gpu suite: a benchmark tokenizer, not a real one")
     s.hf_model = hf
     return path
 

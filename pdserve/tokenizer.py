@@ -196,3 +196,20 @@ def _collect_eos_ids(hf: PreTrainedTokenizerBase, path: Path) -> tuple[int, ...]
         elif isinstance(eos, list):
             ids.update(int(t) for t in eos if isinstance(t, int))
     return tuple(sorted(ids))
+
+
+def write_byte_level_bpe(path: str | Path, text: str, vocab_size: int = 300,
+                         eos_token: str = "<|eos|>") -> None:
+    """Train a small byte-level BPE on `text` and save it into `path` as Hugging Face
+    tokenizer files: a tokenizer for random-weight models (the GPU tests and benchmarks,
+    which have no model files and no network). Every byte stays encodable."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = RawTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text] * 8, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[eos_token],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token).save_pretrained(str(path))

@@ -23,19 +23,14 @@ def tiny_llama_dir(tmp_path_factory) -> str:
     of 300 ids, saved as HF files: for the GPU tests, where the default model's package
     is not installed."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pdserve.tokenizer import write_byte_level_bpe
     path = tmp_path_factory.mktemp("tiny_llama")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                       max_position_embeddings=1024, eos_token_id=0, bos_token_id=0)
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["pdserve tiny test model"] * 8,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|eos|>"],
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eos|>").save_pretrained(path)
+    write_byte_level_bpe(path, "pdserve tiny test model")
     return str(path)

@@ -175,3 +175,14 @@ def test_fast_decode_equals_transformers_decode(tok, default_model_dir, which, s
             want = tok.hf.decode(ids, skip_special_tokens=skip_special,
                                  clean_up_tokenization_spaces=False)
             assert tok.decode(ids, skip_special_tokens=skip_special) == want
+
+
+def test_byte_level_bpe_for_random_models_round_trips(tmp_path) -> None:
+    from pdserve.tokenizer import write_byte_level_bpe
+    write_byte_level_bpe(tmp_path, "a tiny corpus for a test tokenizer", vocab_size=300)
+    tok = Tokenizer(tmp_path)
+    text = "any bytes at all: héllo wörld ✓ 123"
+    ids = tok.encode(text)
+    assert ids and max(ids) < 300
+    assert tok.decode(ids) == text
+    assert tok.eos_token_ids == (tok.hf.convert_tokens_to_ids("<|eos|>"),)
