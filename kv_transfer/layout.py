@@ -122,8 +122,8 @@ def block_index(block_ids: Sequence[int] | Tensor, device: torch.device) -> Tens
     blocking copy synchronizes the stream, and the prefill role gathers every layer's
     KV from inside the forward pass, where a sync per layer would make the host wait
     for the GPU once per layer of every prompt (and, with two processes on one GPU, hand the GPU to
-    the other process each time). The source is pageable memory, which CUDA stages
-    before the call returns, so the CPU list may go away at once."""
+    the other process each time). pdserve.host_copy.to_device copies through pinned
+    memory, asynchronously."""
     return to_device(block_ids if isinstance(block_ids, Tensor) else list(block_ids),
                      torch.long, device)
 

@@ -3,8 +3,8 @@
 A blocking host->device copy (``torch.tensor(values, device="cuda")``, ``.to("cuda")``,
 indexing a CUDA tensor with a Python list) synchronizes the stream: issued while a
 forward pass is queued, it makes the host wait for all of it, so the host can no longer
-prepare or launch anything beside the GPU. A non-blocking copy from pageable memory is
-staged by the driver before the call returns, so the host values may go away at once.
+prepare or launch anything beside the GPU. to_device copies through pinned memory,
+asynchronously.
 """
 from __future__ import annotations
 
@@ -19,8 +19,12 @@ def to_device(data: Sequence | Tensor, dtype: torch.dtype, device: torch.device)
     t = data.to(dtype) if isinstance(data, Tensor) else torch.tensor(data, dtype=dtype)
     if t.device == device:
         return t
-    # non_blocking only towards the device: a device->host copy must be complete on return
-    return t.to(device, non_blocking=t.device.type == "cpu")
+    if t.device.type != "cpu":    # device -> host: must be complete on return
+        return t.to(device)
+    # Through pinned memory: the driver may stage a pageable source by synchronizing with
+    # the stream. torch's caching host allocator reuses the pinned block only once the
+    # copy out of it has completed.
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def select_rows(x: Tensor, rows: Sequence[int]) -> Tensor:
