@@ -27,9 +27,7 @@ def to_device(data: Sequence | Tensor, dtype: torch.dtype, device: torch.device)
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def select_rows(x: Tensor, rows: Sequence[int]) -> Tensor:
-    """x[rows] along dim 0 (a copy, or x itself when rows are all of x's rows in order),
-    with the index moved as to_device does."""
-    if len(rows) == x.shape[0] and all(i == r for i, r in enumerate(rows)):
-        return x
-    return x.index_select(0, to_device(list(rows), torch.int64, x.device))
+def row_index(rows: Sequence[int], n: int, device: torch.device) -> Tensor | None:
+    """Ascending distinct row numbers out of n as an int64 index on `device` (moved as
+    to_device does), or None when they are all n rows: take them all, index nothing."""
+    return None if len(rows) == n else to_device(list(rows), torch.int64, device)

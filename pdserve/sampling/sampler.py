@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pdserve.host_copy import select_rows, to_device
+from pdserve.host_copy import row_index, to_device
 from pdserve.sampling.params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -158,26 +158,28 @@ class Sampler:
         if not (lp_rows or pen_rows or mask_rows or rand_rows):
             return PendingSample(self, logits.argmax(dim=-1), None, [], rows)
 
-        raw_lp = (torch.log_softmax(select_rows(logits, lp_rows), dim=-1)
+        lp_index = row_index(lp_rows, n, dev)
+        raw_lp = (torch.log_softmax(_take(logits, lp_index), dim=-1)
                   if lp_rows else None)                                 # [l, V]
         x = logits
         if pen_rows:
-            pen = apply_penalties(select_rows(x, pen_rows), [rows[i] for i in pen_rows])
-            x = pen if len(pen_rows) == n else x.index_copy(
-                0, to_device(pen_rows, torch.int64, dev), pen)
+            idx = row_index(pen_rows, n, dev)
+            pen = apply_penalties(_take(x, idx), [rows[i] for i in pen_rows])
+            x = pen if idx is None else x.index_copy(0, idx, pen)
         if mask_rows:
             x = x.clone() if x is logits else x
             ri = to_device(mask_rows, torch.int64, dev)                 # [k]
             ci = to_device(mask_cols, torch.int64, dev)                 # [k]
             x.index_put_((ri, ci), x.new_full((), float("-inf")))
-        if len(rand_rows) == n:
+        idx = row_index(rand_rows, n, dev)
+        if idx is None:
             tokens = self._sample(x, rows)                              # [n] int64
         else:
             tokens = x.argmax(dim=-1)                                   # [n] int64
             if rand_rows:
-                tokens.index_copy_(0, to_device(rand_rows, torch.int64, dev),
-                                   self._sample(select_rows(x, rand_rows), [rows[i] for i in rand_rows]))
-        return PendingSample(self, tokens, raw_lp, lp_rows, rows)
+                tokens.index_copy_(0, idx, self._sample(x.index_select(0, idx),
+                                                        [rows[i] for i in rand_rows]))
+        return PendingSample(self, tokens, raw_lp, lp_rows, rows, lp_index)
 
     # -- steps -------------------------------------------------------------------------
 
@@ -220,13 +222,13 @@ class Sampler:
         return (probs / q).argmax(dim=-1)
 
     def _results(self, tokens: Tensor, raw_lp: Tensor | None, lp_rows: list[int],
-                 rows: list[SamplingRow]) -> list[SampleResult]:
+                 rows: list[SamplingRow], lp_index: Tensor | None) -> list[SampleResult]:
         n = tokens.shape[0]
         if raw_lp is None:
             return [SampleResult(t, None, None) for t in tokens.tolist()]
         vocab = raw_lp.shape[1]
         top_n = min(vocab, max(rows[i].params.logprobs or 0 for i in lp_rows))
-        sel = select_rows(tokens, lp_rows).unsqueeze(1)                      # [l, 1]
+        sel = _take(tokens, lp_index).unsqueeze(1)                           # [l, 1]
         sampled_lp = raw_lp.gather(1, sel).squeeze(1)                        # [l]
         top_v, top_i = raw_lp.topk(top_n, dim=-1)                            # [l, top_n] each
         # One host sync: token ids (< 2**53) and float32 logprobs are exact in float64.
@@ -261,10 +263,12 @@ class PendingSample:
     raw_lp: Tensor | None
     lp_rows: list[int]
     rows: list[SamplingRow]
+    lp_index: Tensor | None = None  # lp_rows on the device (row_index): None = all rows
 
     def results(self) -> list[SampleResult]:
         """Wait for the device and read the tokens (and logprobs): one host sync."""
-        return self.sampler._results(self.tokens, self.raw_lp, self.lp_rows, self.rows)
+        return self.sampler._results(self.tokens, self.raw_lp, self.lp_rows, self.rows,
+                                     self.lp_index)
 
 
 def _padded(lists: Sequence[Sequence[int]], pad: int, device: torch.device) -> Tensor:
@@ -272,6 +276,11 @@ def _padded(lists: Sequence[Sequence[int]], pad: int, device: torch.device) -> T
     width = max(1, max(len(x) for x in lists))
     data = [list(x) + [pad] * (width - len(x)) for x in lists]
     return to_device(data, torch.int64, device)
+
+
+def _take(x: Tensor, index: Tensor | None) -> Tensor:
+    """x's rows at `index` (row_index), or x itself for None (all rows)."""
+    return x if index is None else x.index_select(0, index)
 
 
 def _col(values: list[float], like: Tensor) -> Tensor:
