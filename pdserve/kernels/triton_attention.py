@@ -44,7 +44,11 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 _MIN_TOKENS_PER_SPLIT = 128
 _MAX_SPLITS = 32
 # Decode grid order and K/V eviction policy (decode_attention's heads_first / evict).
-_HEADS_FIRST = False
+# A sequence's kv heads side by side (grid (Hkv, B, splits)): on an H100, page 16, it ran
+# 1.004-1.005x SDPA at bs 128 / 4k-32k against 0.992-0.996x in sequence-first order, and
+# level (0.984-0.988x against 0.983-0.992x) at bs 32 (decode_loop_probe.py --grid;
+# RESULTS.md, "Session 16"). evict_first on the K/V loads changed nothing.
+_HEADS_FIRST = True
 _EVICT = ""
 
 

@@ -107,7 +107,7 @@ def test_decode_split_kv(num_splits: int) -> None:
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("heads_first,evict", [(True, ""), (False, "evict_first"), (True, "evict_first")])
+@pytest.mark.parametrize("heads_first,evict", [(False, ""), (True, ""), (False, "evict_first"), (True, "evict_first")])
 def test_decode_grid_order_and_eviction(num_splits: int, heads_first: bool, evict: str) -> None:
     # Both grid orders map every (sequence, kv head, split) program to its own rows and
     # partials: with 3 kv heads and 3 sequences a swapped index writes another head's rows.
