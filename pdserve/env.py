@@ -61,6 +61,9 @@ VARS: dict[str, _Var] = {
         _Var("PDSERVE_GEMV", True, _bool,
              "CUDA: one-token steps run their linear layers through pdserve's split-K GEMV "
              "kernels (pdserve/kernels/triton_gemv.py); 0 keeps cuBLAS"),
+        _Var("PDSERVE_SAMPLER_KERNEL", True, _bool,
+             "CUDA: sampled rows are filtered (top-k / top-p / min-p) and drawn by one sort-free "
+             "Triton kernel (pdserve/kernels/triton_sampling.py); 0 keeps the torch sort path"),
         _Var("PDSERVE_PDL", False, _bool,
              "CUDA, Hopper and newer: launch pdserve's decode-step kernels with programmatic "
              "dependent launch (pdserve/kernels/pdl.py)"),
@@ -105,6 +108,10 @@ def prefill_graph_max_tokens() -> int:
 
 def gemv() -> bool:
     return bool(get("PDSERVE_GEMV"))
+
+
+def sampler_kernel() -> bool:
+    return bool(get("PDSERVE_SAMPLER_KERNEL"))
 
 
 def pdl() -> bool:

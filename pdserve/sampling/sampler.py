@@ -14,6 +14,9 @@ How this works, per step, for a batch of n rows:
    top-p, min-p (HF warper order), softmax, then an exponential race
    argmax(probs / q), q ~ Exp(1). A seeded row draws its q from its own generator, so its
    tokens depend only on its seed and its own logits, never on the batch companions.
+   On CUDA one Triton kernel does all of step 4 for the random rows without sorting the
+   vocabulary (pdserve/kernels/triton_sampling.py; PDSERVE_SAMPLER_KERNEL=0 keeps the
+   torch path below, which sorts). Both draw the same q.
 
 Fast path: a batch that is all greedy with no penalties, no min_tokens masking and no
 logprobs is a single argmax. Everything else touches only the rows that need it, and the
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pdserve import env
 from pdserve.host_copy import row_index, to_device
 from pdserve.sampling.params import SamplingParams
 
@@ -131,9 +135,11 @@ def filter_logits(logits: Tensor, top_k: Sequence[int], top_p: Sequence[float],
 class Sampler:
     """Stateless apart from its own generator, used by rows without a seed."""
 
-    def __init__(self, eos_token_ids: Sequence[int], seed: int = 0) -> None:
+    def __init__(self, eos_token_ids: Sequence[int], seed: int = 0,
+                 kernel: bool | None = None) -> None:
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.seed = seed
+        self.kernel = kernel   # None: the Triton kernel on CUDA (use_kernel)
         # One generator per device, created lazily on the first batch seen there.
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -199,11 +205,13 @@ class Sampler:
         """x: [m, V] processed logits of the random rows -> [m] int64 sampled tokens."""
         m, vocab = x.shape
         dev = x.device
-        temp = _col([r.params.temperature for r in rows], x)                 # [m, 1]
-        x = filter_logits(x / temp, [r.params.top_k for r in rows],
-                          [r.params.top_p for r in rows], [r.params.min_p for r in rows])
-        probs = x.softmax(dim=-1)                                             # [m, V]
-        q = torch.empty_like(probs)                                           # [m, V] ~ Exp(1)
+        kernel = self.use_kernel(x)
+        if not kernel:
+            temp = _col([r.params.temperature for r in rows], x)             # [m, 1]
+            x = filter_logits(x / temp, [r.params.top_k for r in rows],
+                              [r.params.top_p for r in rows], [r.params.min_p for r in rows])
+            x = x.softmax(dim=-1)                                             # [m, V] probs
+        q = torch.empty(m, vocab, dtype=torch.float32, device=dev)            # [m, V] ~ Exp(1)
         unseeded = [j for j, r in enumerate(rows) if r.generator is None]
         for j, r in enumerate(rows):
             if r.generator is not None:
@@ -217,9 +225,24 @@ class Sampler:
             q.index_copy_(0, to_device(unseeded, torch.int64, dev),
                           torch.empty(len(unseeded), vocab, device=dev).exponential_(
                               generator=self._generator(dev)))
+        if kernel:
+            # One pass a row per search digit instead of a sort (kernels/triton_sampling.py).
+            from pdserve.kernels import triton_sampling
+            return triton_sampling.sample(
+                x.float(), to_device([r.params.temperature for r in rows], torch.float32, dev),
+                to_device([min(r.params.top_k, vocab) for r in rows], torch.int32, dev),
+                to_device([r.params.top_p for r in rows], torch.float32, dev),
+                to_device([r.params.min_p for r in rows], torch.float32, dev), q)
         # q can be exactly 0 on some backends; 0/0 would be NaN and win the argmax.
         q.clamp_min_(torch.finfo(q.dtype).tiny)
-        return (probs / q).argmax(dim=-1)
+        return (x / q).argmax(dim=-1)
+
+    def use_kernel(self, x: Tensor) -> bool:
+        """Sample with the Triton kernel: on CUDA unless PDSERVE_SAMPLER_KERNEL=0, or where
+        the sampler was built with kernel=True (the interpreter tests)."""
+        if self.kernel is not None:
+            return self.kernel
+        return x.is_cuda and env.sampler_kernel()
 
     def _results(self, tokens: Tensor, raw_lp: Tensor | None, lp_rows: list[int],
                  rows: list[SamplingRow], lp_index: Tensor | None) -> list[SampleResult]:

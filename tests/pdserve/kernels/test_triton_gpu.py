@@ -196,3 +196,42 @@ def test_decode_cuda_graph_replay() -> None:
     seq_lens.copy_(seq_lens.flip(0))
     graph.replay()
     torch.testing.assert_close(out, reference.decode_attention(*args), **TOL[torch.bfloat16])
+
+
+def _vocab_rows(bs: int, vocab: int, seed: int) -> torch.Tensor:
+    """Distinct logits (no tie sits at a cut-off), a different spread per row."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    base = torch.stack([torch.randperm(vocab, device="cuda", generator=gen) for _ in range(bs)])
+    scale = torch.linspace(2e-4, 1.5e-3, bs, device="cuda")[:, None]
+    return (base.float() - vocab / 2) * scale
+
+
+def test_sampling_kernel_gpu() -> None:
+    """The sort-free filter and race at the Llama-3 vocabulary against the torch sort path.
+    top-k and min-p cut-offs are exact; the top-p cut-off may differ by a token where the
+    sort's cumulative sum and the kernel's sums round differently at the boundary."""
+    from pdserve.kernels import triton_sampling
+    from pdserve.sampling.sampler import filter_logits
+    bs, vocab = 32, 128256
+    x = _vocab_rows(bs, vocab, 0)
+    top_k = [0, 1, 50, 4000, 0, 0, 0, 200] * 4
+    top_p = [1.0, 1.0, 1.0, 1.0, 0.9, 0.5, 0.99, 0.8] * 4
+    min_p = [0.0] * 8 + [0.05, 0.0, 0.2, 0.0] * 6
+    args = (torch.tensor(top_k, dtype=torch.int32, device="cuda"),
+            torch.tensor(top_p, device="cuda"), torch.tensor(min_p, device="cuda"))
+    got = torch.isfinite(triton_sampling.filter_logits(x, *args))
+    want = torch.isfinite(filter_logits(x, top_k, top_p, min_p))
+    for i in range(bs):
+        if top_p[i] == 1.0:
+            assert torch.equal(got[i], want[i]), i
+        else:
+            assert int((got[i] ^ want[i]).sum()) <= 2, i
+            assert bool(got[i, x[i].argmax()])
+    temp = torch.linspace(0.5, 1.5, bs, device="cuda")
+    q = torch.empty_like(x).exponential_(generator=torch.Generator(device="cuda").manual_seed(1))
+    tokens = triton_sampling.sample(x, temp, *args, q)
+    probs = filter_logits(x / temp[:, None], top_k, top_p, min_p).softmax(dim=-1)
+    same = (tokens == (probs / q).argmax(dim=-1)).sum().item()
+    assert same >= bs - 2, same
+    assert bool(torch.isfinite(filter_logits(x / temp[:, None], top_k, top_p, min_p)
+                               .gather(1, tokens[:, None])).all())
