@@ -56,10 +56,12 @@ def _filter_sample_kernel(x_ptr, out_ptr, q_ptr, tok_ptr, temp_ptr, k_ptr, p_ptr
     offs = tl.arange(0, BLOCK)
     digits = tl.arange(0, 16).to(tl.int64)
 
-    m = tl.full((), float("-inf"), tl.float32)
+    # Every pass accumulates lane-wise and reduces across the block once at its end.
+    m_lane = tl.full([BLOCK], float("-inf"), tl.float32)
     for n0 in range(0, vocab, BLOCK):
         v = tl.load(xr + n0 + offs, mask=n0 + offs < vocab, other=float("-inf")) * inv_t
-        m = tl.maximum(m, tl.max(v, axis=0))
+        m_lane = tl.maximum(m_lane, v)
+    m = tl.max(m_lane, axis=0)
     m_key = _keys(m, m == m)
 
     # top-k: the largest key t with count(key >= t) >= k (key 0 when off: keeps all).
@@ -67,12 +69,13 @@ def _filter_sample_kernel(x_ptr, out_ptr, q_ptr, tok_ptr, temp_ptr, k_ptr, p_ptr
     if (k > 0) & (k < vocab):
         for s in tl.static_range(8):
             cand = t_k + (digits << (28 - 4 * s))                            # [16]
-            cnt = tl.zeros([16], tl.int32)
+            cnt_lane = tl.zeros([16, BLOCK], tl.int32)
             for n0 in range(0, vocab, BLOCK):
                 valid = n0 + offs < vocab
                 v = tl.load(xr + n0 + offs, mask=valid, other=0.0) * inv_t
                 key = _keys(v, valid)
-                cnt += tl.sum((key[None, :] >= cand[:, None]).to(tl.int32), axis=1)
+                cnt_lane += (key[None, :] >= cand[:, None]).to(tl.int32)
+            cnt = tl.sum(cnt_lane, axis=1)
             # count(key >= cand) is non-increasing in the digit and holds at digit 0.
             t_k += (tl.sum((cnt >= k).to(tl.int64), axis=0) - 1) << (28 - 4 * s)
 
@@ -89,18 +92,19 @@ def _filter_sample_kernel(x_ptr, out_ptr, q_ptr, tok_ptr, temp_ptr, k_ptr, p_ptr
         t_p = tl.full((), 0, tl.int64)
         for s in tl.static_range(8):
             cand = t_p + (digits << (28 - 4 * s))
-            mass = tl.zeros([16], tl.float32)
+            mass_lane = tl.zeros([16, BLOCK], tl.float32)
             for n0 in range(0, vocab, BLOCK):
                 valid = n0 + offs < vocab
                 v = tl.load(xr + n0 + offs, mask=valid, other=0.0) * inv_t
                 key = _keys(v, valid)
                 w = tl.where(key >= t_k, tl.exp(v - m), 0.0)
-                mass += tl.sum(tl.where(key[None, :] > cand[:, None], w[None, :], 0.0), axis=1)
+                mass_lane += tl.where(key[None, :] > cand[:, None], w[None, :], 0.0)
+            mass = tl.sum(mass_lane, axis=1)
             t_p += (tl.sum((mass >= target).to(tl.int64), axis=0) - 1) << (28 - 4 * s)
         t_p = tl.minimum(t_p, m_key - 1)  # the top token always stays
 
-    best = tl.full((), float("-inf"), tl.float32)
-    best_i = tl.full((), 0, tl.int64)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_i = tl.zeros([BLOCK], tl.int32)
     for n0 in range(0, vocab, BLOCK):
         cols = n0 + offs
         valid = cols < vocab
@@ -111,15 +115,14 @@ def _filter_sample_kernel(x_ptr, out_ptr, q_ptr, tok_ptr, temp_ptr, k_ptr, p_ptr
         if SAMPLE:
             q = tl.load(q_ptr + row * stride_q + cols, mask=valid, other=1.0)
             score = tl.where(keep, e / tl.maximum(q, 1.1754943508222875e-38), float("-inf"))
-            blk_best = tl.max(score, axis=0)
-            blk_i = tl.min(tl.where(score == blk_best, cols, vocab), axis=0)  # first of ties
-            take = blk_best > best
-            best_i = tl.where(take, blk_i.to(tl.int64), best_i)
-            best = tl.where(take, blk_best, best)
+            take = score > best                # strict: a lane keeps its first of ties
+            best_i = tl.where(take, cols, best_i)
+            best = tl.where(take, score, best)
         else:
             tl.store(out_ptr + row * stride_o + cols, tl.where(keep, v, float("-inf")), mask=valid)
     if SAMPLE:
-        tl.store(tok_ptr + row, best_i)
+        top = tl.max(best, axis=0)
+        tl.store(tok_ptr + row, tl.min(tl.where(best == top, best_i, vocab), axis=0).to(tl.int64))
 
 
 def _row_params(x: Tensor, temperature: Tensor | None, top_k: Tensor, top_p: Tensor,
