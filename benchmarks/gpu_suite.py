@@ -205,7 +205,7 @@ def table(r: dict[str, Any], meta: dict[str, Any]) -> list[str]:
                      f"err vs torch ops {_f(d.get('logits_rel_err_vs_torch_ops'), '.1e')}; runner "
                      f"tokens = eager argmax: {d.get('runner_tokens_match_eager')}")
         lines.append("   bs  runner step ms (tok/s, %roof) graph  look-ahead step ms (%roof)  "
-                     "eager forward ms (%roof)  roofline ms  sampled step / look-ahead ms")
+                     "eager forward ms (%roof)  roofline ms  sampled step / look-ahead / sampling kernel ms")
         for x in d["rows"]:
             if "runner_step_ms" not in x:
                 lines.append(f"  {x['bs']:>3}  {x.get('skipped')}")
@@ -216,7 +216,8 @@ def table(r: dict[str, Any], meta: dict[str, Any]) -> list[str]:
                          f"({_f(_pct(x.get('roofline_ms'), x.get('look_ahead_step_ms')), '5.1f')}%)     "
                          f"  {x['eager_forward_ms']:7.2f} ({_f(x.get('eager_forward_pct_roofline'), '5.1f')}%)"
                          f"          {_f(x.get('roofline_ms'))}"
-                         f"  {_f(x.get('sampled_step_ms'), '7.2f')} / {_f(x.get('sampled_look_ahead_step_ms'), '7.2f')}")
+                         f"  {_f(x.get('sampled_step_ms'), '7.2f')} / {_f(x.get('sampled_look_ahead_step_ms'), '7.2f')}"
+                         f" / {_f(x.get('sampled_kernel_step_ms'), '7.2f')}")
         p = d.get("prefill")
         if p:
             lines.append(f"   prefill {p['tokens']} tokens: {p['ms']:.1f} ms, {p['tflop_s']:.0f} TFLOP/s "

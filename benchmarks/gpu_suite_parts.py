@@ -525,11 +525,18 @@ def part_decode_step(s: Any) -> dict:
         sampled = _decode_batch(bs, ctx, sh.token_range, sampled=True)
         sampled_ms = median_ms(lambda: runner.execute(sampled), dev, target_s=0.3, max_iters=20)
         sampled_ahead_ms = _look_ahead_step_ms(runner, sampled, steps=20)
+        # And through the sort-free sampling kernel (PDSERVE_SAMPLER_KERNEL=1).
+        runner.sampler.kernel = True
+        try:
+            kernel_ms = median_ms(lambda: runner.execute(sampled), dev, target_s=0.3, max_iters=20)
+        finally:
+            runner.sampler.kernel = None
         roof_s = (weights_read + bs * (ctx + 1) * kv_per_token) / s.copy_bw if s.copy_bw else None
         row = {"bs": bs, "runner_step_ms": step_ms, "runner_tok_s": bs / step_ms * 1e3,
                "runner_used_graph": graphs is not None and graphs.num_replays > replays,
                "eager_forward_ms": fwd_ms, "look_ahead_step_ms": ahead_ms,
-               "sampled_step_ms": sampled_ms, "sampled_look_ahead_step_ms": sampled_ahead_ms}
+               "sampled_step_ms": sampled_ms, "sampled_look_ahead_step_ms": sampled_ahead_ms,
+               "sampled_kernel_step_ms": kernel_ms}
         if roof_s:
             row.update(roofline_ms=roof_s * 1e3, roofline_tok_s=bs / roof_s,
                        runner_pct_roofline=100 * roof_s * 1e3 / step_ms,

@@ -1,6 +1,7 @@
 """The sampled part of a decode step on CUDA: pdserve's sort-free Triton kernel against
-its torch sort path (PDSERVE_SAMPLER_KERNEL=0), both through Sampler.launch + results on
-the same logits, at the Llama-3 vocabulary (128,256) and batch 1-128.
+its torch sort path (the default; PDSERVE_SAMPLER_KERNEL=1 picks the kernel), both
+through Sampler.launch + results on the same logits, at the Llama-3 vocabulary (128,256)
+and batch 1-128.
 
     python3 benchmarks/sampler_bench.py [--out OUT.json]
     TRITON_INTERPRET=1 python3 benchmarks/sampler_bench.py --vocab 500 --batches 1,4  # CPU dry run

@@ -61,9 +61,10 @@ VARS: dict[str, _Var] = {
         _Var("PDSERVE_GEMV", True, _bool,
              "CUDA: one-token steps run their linear layers through pdserve's split-K GEMV "
              "kernels (pdserve/kernels/triton_gemv.py); 0 keeps cuBLAS"),
-        _Var("PDSERVE_SAMPLER_KERNEL", True, _bool,
+        _Var("PDSERVE_SAMPLER_KERNEL", False, _bool,
              "CUDA: sampled rows are filtered (top-k / top-p / min-p) and drawn by one sort-free "
-             "Triton kernel (pdserve/kernels/triton_sampling.py); 0 keeps the torch sort path"),
+             "Triton kernel (pdserve/kernels/triton_sampling.py) instead of the torch sort path; "
+             "off until benchmarks/sampler_bench.py has measured it on a GPU"),
         _Var("PDSERVE_PDL", False, _bool,
              "CUDA, Hopper and newer: launch pdserve's decode-step kernels with programmatic "
              "dependent launch (pdserve/kernels/pdl.py)"),

@@ -14,9 +14,9 @@ How this works, per step, for a batch of n rows:
    top-p, min-p (HF warper order), softmax, then an exponential race
    argmax(probs / q), q ~ Exp(1). A seeded row draws its q from its own generator, so its
    tokens depend only on its seed and its own logits, never on the batch companions.
-   On CUDA one Triton kernel does all of step 4 for the random rows without sorting the
-   vocabulary (pdserve/kernels/triton_sampling.py; PDSERVE_SAMPLER_KERNEL=0 keeps the
-   torch path below, which sorts). Both draw the same q.
+   With PDSERVE_SAMPLER_KERNEL=1 on CUDA, one Triton kernel does all of step 4 for the
+   random rows without sorting the vocabulary (pdserve/kernels/triton_sampling.py); it
+   draws the same q as the torch path below, which sorts.
 
 Fast path: a batch that is all greedy with no penalties, no min_tokens masking and no
 logprobs is a single argmax. Everything else touches only the rows that need it, and the
@@ -139,7 +139,7 @@ class Sampler:
                  kernel: bool | None = None) -> None:
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.seed = seed
-        self.kernel = kernel   # None: the Triton kernel on CUDA (use_kernel)
+        self.kernel = kernel   # None: decided per call by use_kernel
         # One generator per device, created lazily on the first batch seen there.
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -238,8 +238,8 @@ class Sampler:
         return (x / q).argmax(dim=-1)
 
     def use_kernel(self, x: Tensor) -> bool:
-        """Sample with the Triton kernel: on CUDA unless PDSERVE_SAMPLER_KERNEL=0, or where
-        the sampler was built with kernel=True (the interpreter tests)."""
+        """Sample with the Triton kernel: on CUDA with PDSERVE_SAMPLER_KERNEL=1, or where
+        the sampler was built with kernel=True (tests, sampler_bench.py)."""
         if self.kernel is not None:
             return self.kernel
         return x.is_cuda and env.sampler_kernel()

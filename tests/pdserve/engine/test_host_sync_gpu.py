@@ -45,9 +45,11 @@ def _syncs_raise():
 
 @pytest.mark.gpu
 @needs_cuda
-def test_sampler_launch_queues_without_waiting() -> None:
-    """Sampler.launch on CUDA logits makes no synchronizing call for any mix of rows;
-    the deterministic rows (greedy, penalties, masked, logprobs) sample what they do on CPU."""
+@pytest.mark.parametrize("kernel", [False, True], ids=["sort", "sampling-kernel"])
+def test_sampler_launch_queues_without_waiting(kernel: bool) -> None:
+    """Sampler.launch on CUDA logits makes no synchronizing call for any mix of rows, on
+    the torch sort path and through the sampling kernel; the deterministic rows (greedy,
+    penalties, masked, logprobs) sample what they do on CPU."""
     from pdserve.sampling.sampler import Sampler, SamplingRow
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(len(PARAMS), 300, generator=gen) * 3
@@ -56,7 +58,7 @@ def test_sampler_launch_queues_without_waiting() -> None:
     cuda_rows = [SamplingRow(r.params, r.prompt_token_ids, r.output_token_ids,
                              None if r.params.seed is None else
                              torch.Generator("cuda").manual_seed(r.params.seed)) for r in rows]
-    sampler = Sampler(eos_token_ids=[0, 1], seed=0)
+    sampler = Sampler(eos_token_ids=[0, 1], seed=0, kernel=kernel)
     dev_logits = logits.cuda()
     sampler.launch(dev_logits, cuda_rows).results()            # first calls outside the check
     subsets = [list(range(len(rows))), [0, 4, 5], [1, 2, 3, 6], [1, 4]]
