@@ -18,7 +18,7 @@ softmax on every tile. This probe times, with the inputs and timing of gpu_suite
     python benchmarks/decode_loop_probe.py [--out OUT.json] [--quick]
     python benchmarks/decode_loop_probe.py --ceilings      # read-only kernels, PDL
     python benchmarks/decode_loop_probe.py --addressing    # paged vs block ids 1-2 tiles ahead vs dense
-    python benchmarks/decode_loop_probe.py --ab [--shapes 128x512,64x512] [--reps 3] [--splits 1,2,4] [--tiles 128x4x2]
+    python benchmarks/decode_loop_probe.py --ab [--shapes 128x512,64x512] [--reps 3] [--splits 1,2,4] [--tiles 128x4x2] [--heads-first 0|1]
     python benchmarks/decode_loop_probe.py --pages [--shapes ...] [--head-major]  # pages 16-128
     python benchmarks/decode_loop_probe.py --grid [--shapes ...] [--reps 4]  # heads-first grid, evict_first
     TRITON_INTERPRET=1 python benchmarks/decode_loop_probe.py --check   # CPU, small shapes
@@ -497,7 +497,7 @@ def _interleaved(configs: list, call, us, sdpa, ref, reps: int) -> tuple[dict, d
 
 
 def ab(out_path: str, reps: int, shapes: list | None = None, splits: list | None = None,
-       tiles: list | None = None) -> int:
+       tiles: list | None = None, heads_first: bool | None = None) -> int:
     """The shipped kernel (block ids a tile ahead) against the same loop with every tile
     masked (the kernel before it) and unmasked without the look-ahead, over a few tiles
     and two split rules (~2 waves, as choose_num_splits, and ~1 wave), every config timed
@@ -524,7 +524,8 @@ def ab(out_path: str, reps: int, shapes: list | None = None, splits: list | None
             kind, bn, w, st, sp = cfg
             if kind == "ahead":
                 return ta.decode_attention(c.q[i], c.k_cache, c.v_cache, c.seq_lens, c.tables(i), c.scale,
-                                           num_splits=sp, tiles=None if bn is None else (bn, w, st))
+                                           num_splits=sp, tiles=None if bn is None else (bn, w, st),
+                                           heads_first=heads_first)
             return loop_decode(c.q[i], c.k_cache, c.v_cache, c.seq_lens, c.tables(i), c.scale, sp,
                                False, kind == "unmasked", bn, w, st)
 
@@ -659,6 +660,8 @@ def main() -> int:
     ap.add_argument("--head-major", action="store_true", help="--pages only: blocks stored [Hkv, page, D]")
     ap.add_argument("--grid", action="store_true",
                     help="grid order (heads first) and evict_first K/V loads, interleaved repeats")
+    ap.add_argument("--heads-first", choices=("0", "1"), default=None,
+                    help="--ab only: the shipped kernel's grid order (default: the module's)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--splits", default="", help="--ab only: split counts to add, e.g. 1,2,4,8")
     ap.add_argument("--tiles", default="", help="--ab only: BLOCK_NxWARPSxSTAGES,... (e.g. 128x4x2)")
@@ -674,7 +677,8 @@ def main() -> int:
     if args.ab:
         return ab(args.out, args.reps, shapes,
                   [int(x) for x in args.splits.split(",")] if args.splits else None,
-                  [tuple(int(y) for y in t.split("x")) for t in args.tiles.split(",")] if args.tiles else None)
+                  [tuple(int(y) for y in t.split("x")) for t in args.tiles.split(",")] if args.tiles else None,
+                  None if args.heads_first is None else args.heads_first == "1")
     if args.pages:
         return pages(args.out, args.reps, shapes, args.head_major)
     if args.grid:
